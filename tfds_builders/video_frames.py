@@ -1,0 +1,334 @@
+"""What the UCF101 and HMDB51 frame builders share: configs, parallel encoding, the build report.
+
+Each example is one video: its frames resized (128x171 by default) and stored as JPEG bytes in
+`array_record` shards, so a training sample decodes only the frames it needs. No TensorFlow is
+needed to write or read: `tfds.data_source(...)` reads the shards with grain-compatible random
+access.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from vcp_jax.data import splits as splits_lib
+from vcp_jax.data import video as video_lib
+
+REPORT_NAME = "build_report.json"
+_CONFIG_NAME = re.compile(r"^split(?P<fold>[123])(?:_(?P<h>\d+)x(?P<w>\d+))?(?:_q(?P<q>\d+))?$")
+DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_QUALITY = 128, 171, 90
+
+
+@dataclasses.dataclass(eq=False)
+class VideoFramesConfig(tfds.core.BuilderConfig):
+    """One official fold at one frame size and JPEG quality.
+
+    Names are `split{1,2,3}` for the default 128x171 q90 frames and `split1_64x85` or
+    `split1_128x171_q75` for other sizes and qualities, so any of them can be named in
+    `tfds.data_source('ucf101_frames/split1_64x85', ...)`.
+    """
+
+    fold: int = 1
+    height: int = DEFAULT_HEIGHT
+    width: int = DEFAULT_WIDTH
+    jpeg_quality: int = DEFAULT_QUALITY
+    resize_method: str = "area"
+
+
+def config_name(fold: int, height: int, width: int, jpeg_quality: int) -> str:
+    """The config name for a fold, frame size and quality (see `VideoFramesConfig`)."""
+    name = f"split{fold}"
+    if (height, width) != (DEFAULT_HEIGHT, DEFAULT_WIDTH):
+        name += f"_{height}x{width}"
+    if jpeg_quality != DEFAULT_QUALITY:
+        name += f"_q{jpeg_quality}"
+    return name
+
+
+def make_config(name: str) -> VideoFramesConfig:
+    """Parses a config name such as `split2` or `split1_64x85_q75`."""
+    match = _CONFIG_NAME.match(name)
+    if not match:
+        raise ValueError(
+            f"config must be 'split1', 'split2' or 'split3', optionally followed by '_<H>x<W>' "
+            f"and '_q<quality>' (e.g. 'split1_64x85'); got {name!r}"
+        )
+    height = int(match["h"] or DEFAULT_HEIGHT)
+    width = int(match["w"] or DEFAULT_WIDTH)
+    quality = int(match["q"] or DEFAULT_QUALITY)
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality} in {name!r}")
+    if height < 16 or width < 16:
+        raise ValueError(f"frame size must be at least 16x16, got {height}x{width} in {name!r}")
+    return VideoFramesConfig(
+        name=config_name(int(match["fold"]), height, width, quality),
+        description=f"Official fold {match['fold']}, frames {height}x{width}, JPEG q{quality}.",
+        fold=int(match["fold"]),
+        height=height,
+        width=width,
+        jpeg_quality=quality,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetLayout:
+    """Where a dataset's parts are in the manual dir, extracted or as distributed."""
+
+    dataset: str  # 'ucf101' or 'hmdb51', for the split parser
+    videos_folder: str
+    videos_archives: tuple[str, ...]
+    videos_nested: bool  # HMDB51: the outer archive holds one archive per class
+    splits_folder: str
+    splits_archives: tuple[str, ...]
+
+
+def _encode_worker(args: tuple[str, str, dict[str, Any]]) -> tuple[str, Any]:
+    """Runs in a pool process: (key, EncodedVideo) or (key, error message)."""
+    key, path, kwargs = args
+    try:
+        return key, video_lib.encode_video(path, **kwargs)
+    except video_lib.VideoDecodeError as e:
+        return key, str(e)
+    except Exception as e:  # noqa: BLE001 - any decoder crash is a bad video, not a dead build
+        return key, f"{path}: {type(e).__name__}: {e}"
+
+
+def _init_worker() -> None:
+    video_lib.limit_threads()
+
+
+class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registration=True):
+    """Base of `ucf101_frames` and `hmdb51_frames` (not registered itself)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: JPEG frames in array_record shards."}
+    BUILDER_CONFIGS = [make_config(f"split{fold}") for fold in splits_lib.FOLDS]
+    DEFAULT_CONFIG_NAME = "split1"
+    LAYOUT: DatasetLayout
+
+    def __init__(self, *, num_workers: int | None = None, **kwargs: Any):
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+        self.num_workers = num_workers or os.cpu_count() or 1
+        self._report: dict[str, Any] = {}
+
+    @classmethod
+    def get_builder_config(
+        cls, name: str, version: str | tfds.core.Version | None = None
+    ) -> tfds.core.BuilderConfig | None:
+        # Any `split<N>[_<H>x<W>][_q<Q>]` name is a valid config, not only the three listed.
+        config = super().get_builder_config(name, version)
+        if config is None and _CONFIG_NAME.match(name):
+            config = make_config(name)
+        return config
+
+    @property
+    def extract_root(self) -> Path:
+        """Where archives from the manual dir are extracted (the archives stay untouched)."""
+        return Path(self._data_dir_root) / "downloads" / "manual_extracted" / self.name
+
+    # --- TFDS hooks ---------------------------------------------------------------------------
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+            # Names are read from the split files in _split_generators (the synthetic dataset
+            # has its own classes), and stored with the dataset.
+            "label": tfds.features.ClassLabel(),
+            "video_id": tfds.features.Text(),
+            "num_frames": tfds.features.Scalar(dtype=np.int32),
+            "fps": tfds.features.Scalar(dtype=np.float32),
+            "source_height": tfds.features.Scalar(dtype=np.int32),
+            "source_width": tfds.features.Scalar(dtype=np.int32),
+        }
+        features.update(self._extra_features())
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self._description(),
+            features=tfds.features.FeaturesDict(features),
+            homepage=self._homepage(),
+            citation=self._citation(),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+        videos_root, splits_dir = self.locate_data(Path(dl_manager.manual_dir))
+        split = splits_lib.read_split(self.LAYOUT.dataset, splits_dir, self.builder_config.fold)
+        label = self.info.features["label"]
+        if label.num_classes is None:
+            label.names = list(split.class_names)
+        elif list(label.names) != list(split.class_names):
+            raise ValueError(
+                f"the split files in {splits_dir} list other classes than this dataset "
+                f"was started with; build into another --data_dir"
+            )
+        self._report = {
+            "dataset": f"{self.name}/{self.builder_config.name}",
+            "manual_dir": str(dl_manager.manual_dir),
+            "videos_root": str(videos_root),
+            "num_workers": self.num_workers,
+            "splits": {},
+        }
+        return {
+            "train": self._generate_examples(videos_root, split.train, "train"),
+            "test": self._generate_examples(videos_root, split.test, "test"),
+        }
+
+    def _generate_examples(
+        self, videos_root: Path, entries: Sequence[splits_lib.VideoEntry], split_name: str
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        config = self.builder_config
+        kwargs = dict(
+            height=config.height,
+            width=config.width,
+            jpeg_quality=config.jpeg_quality,
+            resize_method=config.resize_method,
+        )
+        by_key = {entry.relpath: entry for entry in entries}
+        jobs, skipped = [], []
+        for entry in entries:
+            path = resolve_video_path(videos_root, entry.relpath)
+            if path is None:
+                skipped.append({"video": entry.relpath, "reason": "file not found"})
+            else:
+                jobs.append((entry.relpath, str(path), kwargs))
+
+        start, frames = time.perf_counter(), 0
+        bar = tqdm.tqdm(total=len(jobs), desc=f"{self.name} {split_name}", unit="video")
+        for key, result in self._map(jobs):
+            bar.update()
+            if isinstance(result, str):
+                skipped.append({"video": key, "reason": result})
+                bar.write(f"skipped: {result}")
+                continue
+            frames += result.num_frames
+            bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
+            yield key, self._example(by_key[key], result)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        self._report["splits"][split_name] = {
+            "listed": len(entries),
+            "written": len(entries) - len(skipped),
+            "skipped": sorted(skipped, key=lambda s: s["video"]),
+            "frames": frames,
+            "seconds": round(elapsed, 2),
+            "frames_per_second": round(frames / elapsed, 1) if elapsed else None,
+        }
+
+    def _map(self, jobs: list[tuple[str, str, dict[str, Any]]]) -> Iterator[tuple[str, Any]]:
+        if self.num_workers <= 1 or len(jobs) <= 1:
+            _init_worker()
+            yield from map(_encode_worker, jobs)
+            return
+        # 'spawn': the caller may have started threads (JAX, grain) that a fork would copy.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(self.num_workers, len(jobs)), initializer=_init_worker) as pool:
+            yield from pool.imap_unordered(_encode_worker, jobs, chunksize=1)
+
+    def _example(
+        self, entry: splits_lib.VideoEntry, encoded: video_lib.EncodedVideo
+    ) -> dict[str, Any]:
+        return {
+            "frames": encoded.frames,
+            "label": entry.label,
+            "video_id": entry.video_id,
+            "num_frames": encoded.num_frames,
+            "fps": encoded.fps,
+            "source_height": encoded.source_height,
+            "source_width": encoded.source_width,
+        }
+
+    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+        """Builds the dataset, then writes the build report next to it and prints a summary."""
+        super().download_and_prepare(*args, **kwargs)
+        if self._report.get("splits"):
+            path = Path(self.data_dir) / REPORT_NAME
+            path.write_text(json.dumps(self._report, indent=2) + "\n")
+            print(summarize_report(self._report, path))
+
+    # --- data location ------------------------------------------------------------------------
+
+    def locate_data(self, manual_dir: Path) -> tuple[Path, Path]:
+        """(videos root, split files folder), extracting archives from `manual_dir` if needed."""
+        from vcp_jax.data import archives  # noqa: PLC0415 - only needed when building
+
+        if not manual_dir.is_dir():
+            raise FileNotFoundError(
+                f"manual dir {manual_dir} does not exist.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        layout = self.LAYOUT
+        splits_dir = archives.find_or_extract(
+            manual_dir, self.extract_root, folder=layout.splits_folder,
+            archives=layout.splits_archives,
+        )
+        videos_root = archives.find_or_extract(
+            manual_dir, self.extract_root, folder=layout.videos_folder,
+            archives=layout.videos_archives, nested=layout.videos_nested,
+        )
+        return videos_root, splits_dir
+
+    # --- per-dataset facts ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _description(self) -> str: ...
+
+    def _extra_features(self) -> dict[str, tfds.features.FeatureConnector]:
+        return {}
+
+    def _homepage(self) -> str:
+        return ""
+
+    def _citation(self) -> str:
+        path = Path(__file__).parent / self.name / "CITATIONS.bib"
+        return path.read_text() if path.is_file() else ""
+
+
+def resolve_video_path(videos_root: Path, relpath: str) -> Path | None:
+    """The file for `Class/name.avi`, matching case-insensitively if the exact name is absent.
+
+    Archive tools on case-insensitive file systems (and UCF101's HandstandPushups/HandStandPushups
+    naming) can leave names whose case differs from the split files.
+    """
+    path = videos_root / relpath
+    if path.is_file():
+        return path
+    folder = path.parent
+    if not folder.is_dir():
+        folder = _casefold_lookup(videos_root, path.parent.name)
+        if folder is None:
+            return None
+    match = _casefold_lookup(folder, path.name)
+    return match if match is not None and match.is_file() else None
+
+
+def _casefold_lookup(folder: Path, name: str) -> Path | None:
+    if not folder.is_dir():
+        return None
+    wanted = name.casefold()
+    for child in folder.iterdir():
+        if child.name.casefold() == wanted:
+            return child
+    return None
+
+
+def summarize_report(report: dict[str, Any], path: Path | None = None) -> str:
+    """One console line: written and skipped videos per split, and where the report is."""
+    parts = []
+    for split_name, facts in report["splits"].items():
+        parts.append(f"{split_name} {facts['written']}/{facts['listed']} videos")
+    skipped = sum(len(facts["skipped"]) for facts in report["splits"].values())
+    line = f"{report['dataset']}: " + ", ".join(parts) + f"; {skipped} skipped"
+    if path is not None:
+        line += f" (report: {path})"
+    return line
