@@ -43,8 +43,9 @@ def test_default_size_is_128x171(shared_data: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "garbage", "truncated", "header_only"])
 def test_bad_files_raise_video_decode_error(shared_data: Path, tmp_path: Path, kind: str) -> None:
-    source = (shared_data / "samples" / "ucf101" / "SoccerJuggling"
-              / "v_SoccerJuggling_g23_c01.avi").read_bytes()
+    source = (
+        shared_data / "samples" / "ucf101" / "SoccerJuggling" / "v_SoccerJuggling_g23_c01.avi"
+    ).read_bytes()
     path = tmp_path / "bad.avi"
     if kind == "empty":
         path.write_bytes(b"")

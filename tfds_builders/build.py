@@ -41,6 +41,11 @@ def build(
         raise ValueError(f"dataset must be one of {sorted(BUILDERS)}, got {name!r}")
     data_dir, manual_dir = Path(data_dir).expanduser(), Path(manual_dir).expanduser()
     builder = BUILDERS[name](config=config, data_dir=str(data_dir), num_workers=num_workers)
+    if not builder.is_prepared() and (not manual_dir.is_dir() or not any(manual_dir.iterdir())):
+        raise FileNotFoundError(
+            f"manual dir {manual_dir} is missing or empty. "
+            f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
     remove_incomplete(data_dir, name, builder.builder_config.name)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
