@@ -1,0 +1,156 @@
+"""Training: steps, data parallelism (8 simulated devices), checkpoints and resumption."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.conftest import REPO_ROOT, tiny_config
+from vcp_jax import config_utils, input_pipeline, parallel, train
+
+
+def _fixed_batch(config) -> dict[str, np.ndarray]:
+    return input_pipeline.pretrain_data(config).train[0]
+
+
+def test_loss_falls_on_a_fixed_batch(tiny_dataset: Path) -> None:
+    config = tiny_config(tiny_dataset)
+    config.optimizer.learning_rate = 0.05
+    batch = _fixed_batch(config)
+    strategy = parallel.JitStrategy()
+    state, fns = train.create_train_state(config)
+    step = strategy.compile(functools.partial(train.train_step, fns=fns), donate_state=False)
+    state = strategy.put_state(state)
+    losses = []
+    for _ in range(12):
+        # Step 0 every time: the same cloze options, so the batch is truly fixed.
+        state, metrics = step(state.replace(step=state.step * 0), strategy.put_batch(batch))
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _run_steps(strategy, config, batch, num_steps=2):
+    state, fns = train.create_train_state(config, bn_axis_name=strategy.axis_name)
+    step = strategy.compile(functools.partial(train.train_step, fns=fns), donate_state=False)
+    state = strategy.put_state(state)
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = step(state, strategy.put_batch(batch))
+        losses.append(float(strategy.fetch(metrics)["loss"]))
+    return losses, jax.tree.map(np.asarray, strategy.get_state(state).params)
+
+
+def test_jit_pmap_and_one_device_agree(tiny_dataset: Path) -> None:
+    assert jax.device_count() == 8, "conftest sets 8 simulated devices"
+    config = tiny_config(tiny_dataset)
+    batch = _fixed_batch(config)
+    one_loss, one_params = _run_steps(parallel.JitStrategy([jax.devices()[0]]), config, batch)
+    jit_loss, jit_params = _run_steps(parallel.JitStrategy(), config, batch)
+    pmap_loss, pmap_params = _run_steps(parallel.PmapStrategy(), config, batch)
+    np.testing.assert_allclose(jit_loss, one_loss, rtol=1e-5)
+    np.testing.assert_allclose(pmap_loss, one_loss, rtol=1e-5)
+    for other in (jit_params, pmap_params):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                     other, one_params)
+
+
+def test_eval_step_counts_every_valid_tuple(tiny_dataset: Path) -> None:
+    config = tiny_config(tiny_dataset)
+    data = input_pipeline.pretrain_data(config)
+    strategy = parallel.JitStrategy()
+    state, fns = train.create_train_state(config)
+    eval_fn = strategy.compile(functools.partial(train.eval_step, fns=fns), donate_state=False)
+    first = train.evaluate(strategy.put_state(state), data, eval_fn, strategy, config)
+    second = train.evaluate(strategy.put_state(state), data, eval_fn, strategy, config)
+    np.testing.assert_equal(first, second)  # deterministic held-out tuples and options
+    assert first["val_tuples"] == 4
+    fractions = [v for k, v in first.items() if k.startswith("val_option_fraction/")]
+    assert len(fractions) == 5 and sum(fractions) == pytest.approx(1.0)
+
+
+def test_config_errors_name_the_key(tiny_dataset: Path) -> None:
+    config = tiny_config(tiny_dataset)
+    config.model.arch = "r4d"
+    with pytest.raises(config_utils.ConfigError, match=r"model\.arch.*'c3d', 'r3d', 'r21d'"):
+        train.validate_config(config)
+    config = tiny_config(tiny_dataset)
+    config.parallel = "pjit"
+    with pytest.raises(config_utils.ConfigError, match=r"config\.parallel.*'jit', 'pmap'"):
+        train.validate_config(config)
+    config = tiny_config(tiny_dataset)
+    config.batch_size = 12
+    with pytest.raises(config_utils.ConfigError, match="batch_size"):
+        train.validate_config(config)
+    config = tiny_config(tiny_dataset)
+    config.cloze.options = ("original", "teleport")
+    with pytest.raises(config_utils.ConfigError, match="cloze"):
+        train.validate_config(config)
+
+
+def test_learning_rate_scales_with_batch(tiny_dataset: Path) -> None:
+    config = tiny_config(tiny_dataset)
+    config.optimizer.learning_rate, config.batch_size = 0.01, 64
+    assert train.effective_learning_rate(config) == pytest.approx(0.08)
+    config.optimizer.scale_with_batch = False
+    assert train.effective_learning_rate(config) == pytest.approx(0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# main.py end to end: kill and resume
+# --------------------------------------------------------------------------------------------
+
+
+def _main(workdir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "main.py", "--config", "tests/tiny_pretrain_config.py",
+           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+           "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
+           "--config.eval_every_steps=4", *extra]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _final_params(workdir: Path) -> dict:
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "8" / "state")
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+def _finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_for_bit(tiny_dataset: Path, tmp_path: Path) -> None:
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _finish(_main(straight, tiny_dataset))
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert {"val_loss", "val_vcp_accuracy", "val_accuracy/rotation"} <= set(metrics)
+
+    process = _main(killed, tiny_dataset)
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "2").is_dir():  # orbax renames a finished save into place
+        assert process.poll() is None and time.time() < deadline, "run ended before its 1st save"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoints" / "8").exists()
+    out = _finish(_main(killed, tiny_dataset))
+    assert "resumed from the checkpoint of step" in out
+    jax.tree.map(np.testing.assert_array_equal, _final_params(killed), _final_params(straight))
+    # The best-validation-loss checkpoint is kept beside the last ones.
+    best = json.loads((killed / "checkpoints" / "best.json").read_text())
+    assert (killed / "checkpoints" / str(best["step"])).is_dir()

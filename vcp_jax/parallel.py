@@ -1,0 +1,109 @@
+"""Data parallelism over every device of every host: `jax.jit` on a 1-D mesh, or `jax.pmap`.
+
+Both strategies expose the same small interface to the training loop: place the train state,
+place a host's batch, compile a step, and bring the state back for checkpointing. With the same
+global batch they compute the same loss as one device (BatchNorm statistics are global in both:
+the jit strategy sees the whole sharded batch, the pmap strategy averages them over `AXIS_NAME`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS_NAME = "batch"  # the pmap axis; BatchNorm and gradients are averaged over it
+STRATEGIES = ("jit", "pmap")
+
+
+class Strategy(Protocol):
+    axis_name: str | None
+    num_devices: int
+
+    def put_state(self, state: Any) -> Any: ...
+    def get_state(self, state: Any) -> Any: ...
+    def put_batch(self, batch: dict[str, np.ndarray]) -> Any: ...
+    def compile(self, step: Callable[..., Any], *, donate_state: bool) -> Callable[..., Any]: ...
+    def fetch(self, tree: Any) -> Any: ...
+
+
+class JitStrategy:
+    """`jax.jit` over a 1-D mesh of all devices: the batch is sharded, the state replicated."""
+
+    axis_name = None
+
+    def __init__(self, devices: list[jax.Device] | None = None):
+        devices = devices or jax.devices()
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.num_devices = len(devices)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+
+    def put_state(self, state: Any) -> Any:
+        return jax.device_put(state, self.replicated)
+
+    def get_state(self, state: Any) -> Any:
+        return state
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
+        # Each host holds its own slice of the global batch.
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch
+        )
+
+    def compile(self, step: Callable[..., Any], *, donate_state: bool) -> Callable[..., Any]:
+        return jax.jit(
+            step,
+            in_shardings=(self.replicated, self.batch_sharding),
+            out_shardings=self.replicated,
+            donate_argnums=(0,) if donate_state else (),
+        )
+
+    def fetch(self, tree: Any) -> Any:
+        return jax.tree.map(np.asarray, tree)
+
+
+class PmapStrategy:
+    """The classic `jax.pmap` data parallelism of the Flax examples (state has a device axis)."""
+
+    axis_name = AXIS_NAME
+
+    def __init__(self) -> None:
+        self.local_devices = jax.local_devices()
+        self.num_devices = jax.device_count()
+
+    def put_state(self, state: Any) -> Any:
+        # A host-side broadcast; the first pmapped call places one copy on each local device.
+        n = len(self.local_devices)
+        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
+
+    def get_state(self, state: Any) -> Any:
+        return jax.tree.map(lambda x: x[0], state)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
+        n = len(self.local_devices)
+
+        def split(x: np.ndarray) -> np.ndarray:
+            if x.shape[0] % n:
+                raise ValueError(f"host batch {x.shape[0]} is not divisible by {n} local devices")
+            return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+        return jax.tree.map(split, batch)
+
+    def compile(self, step: Callable[..., Any], *, donate_state: bool) -> Callable[..., Any]:
+        return jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,) if donate_state else ())
+
+    def fetch(self, tree: Any) -> Any:
+        # Outputs are identical on every device (reduced over the axis): take the first.
+        return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def make_strategy(name: str) -> JitStrategy | PmapStrategy:
+    if name == "jit":
+        return JitStrategy()
+    if name == "pmap":
+        return PmapStrategy()
+    raise ValueError(f"config.parallel={name!r} is not allowed; choose one of {STRATEGIES}")
