@@ -2,7 +2,7 @@
 
 The dataset (motion-defined classes in the UCF101 layout) is generated and built by the real
 builder the first time; every other piece is the paper's code path at a smaller size: a
-narrower R3D (width 16), 64x85 frames and 56x56 crops, clips of 16 frames with 8-frame gaps.
+narrower R3D (width 8), 48x64 frames and 32x32 crops, clips of 16 frames with 8-frame gaps.
 """
 
 import ml_collections
@@ -13,28 +13,28 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config("r3d")
     config.data.data_dir = "~/.cache/vcp_jax/synthetic/tensorflow_datasets"
-    config.data.config = "split1_64x85"
-    config.data.crop_size = 56
-    config.data.num_val_videos = 20
+    config.data.config = "split1_48x64"
+    config.data.crop_size = 32
+    config.data.num_val_videos = 40
     config.data.num_threads = 4
     config.data.synthetic = ml_collections.ConfigDict(dict(
         manual_dir="~/.cache/vcp_jax/synthetic/videos",
         layout="ucf101",
         num_classes=10,
-        videos_per_class=12,
+        videos_per_class=20,
         num_frames=150,
         height=120,
         width=160,
         seed=0,
         build_workers=None,  # every core
     ))
-    config.model.width = 16
+    config.model.width = 8
     config.optimizer.learning_rate = 0.05
     config.optimizer.schedule = "cosine"
     config.optimizer.warmup_steps = 20
     config.batch_size = 16
-    config.num_train_steps = 400
-    config.log_every_steps = 20
-    config.eval_every_steps = 200
-    config.checkpoint_every_steps = 100
+    config.num_train_steps = 250
+    config.log_every_steps = 10
+    config.eval_every_steps = 125
+    config.checkpoint_every_steps = 50
     return config

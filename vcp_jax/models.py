@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vcp_jax import conv as conv_lib
+
 ARCHS = ("c3d", "r3d", "r21d")
 
 Dtype = Any
@@ -444,11 +446,26 @@ def create_backbone(
     width: int = 64,
     dtype: Dtype = jnp.float32,
     bn_axis_name: str | None = None,
+    conv_impl: str = "auto",
 ) -> nnx.Module:
-    """The backbone named `arch` (one of `ARCHS`): `(B, T, H, W, 3)` -> `(B, 8 * width)`."""
+    """The backbone named `arch` (one of `ARCHS`): `(B, T, H, W, 3)` -> `(B, 8 * width)`.
+
+    `conv_impl` picks how 3D convolutions run (`vcp_jax.conv`): 'native' XLA, 'conv2d' (fast
+    on CPU), or 'auto' (conv2d on CPU, native on GPU/TPU). Parameters and results are the same.
+    """
     if arch not in _BACKBONES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    return _BACKBONES[arch](width=width, dtype=dtype, bn_axis_name=bn_axis_name, rngs=rngs)
+    backbone = _BACKBONES[arch](width=width, dtype=dtype, bn_axis_name=bn_axis_name, rngs=rngs)
+    set_conv_impl(backbone, conv_impl)
+    return backbone
+
+
+def set_conv_impl(module: nnx.Module, conv_impl: str) -> None:
+    """Makes every `nnx.Conv` in `module` run with `conv_impl` (see `create_backbone`)."""
+    conv_fn = conv_lib.resolve(conv_impl)
+    for _, submodule in nnx.iter_modules(module):
+        if isinstance(submodule, nnx.Conv):
+            submodule.conv_general_dilated = conv_fn
 
 
 # ----------------------------------------------------------------------------- heads

@@ -27,6 +27,7 @@ import tqdm
 from flax import nnx
 
 from vcp_jax import checkpointing, cloze, config_utils, input_pipeline, models, parallel
+from vcp_jax import conv as conv_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("constant", "cosine")
@@ -43,6 +44,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_utils.check_choice(config, "model.arch", models.ARCHS)
     config_utils.check_choice(config, "model.dtype", DTYPES)
     config_utils.check_positive(config, "model.width")
+    config_utils.check_choice(config, "model.conv_impl", conv_lib.CONV_IMPLS)
     config_utils.check_choice(config, "parallel", parallel.STRATEGIES)
     config_utils.check_choice(config, "optimizer.schedule", SCHEDULES)
     for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "eval_every_steps",
@@ -99,7 +101,7 @@ def create_model(
     dtype = DTYPES[config.model.dtype]
     backbone = models.create_backbone(
         config.model.arch, rngs=rngs, width=config.model.width, dtype=dtype,
-        bn_axis_name=bn_axis_name,
+        bn_axis_name=bn_axis_name, conv_impl=config.model.get("conv_impl", "auto"),
     )
     return models.VCPModel(
         backbone, num_clips=config.cloze.num_clips, num_classes=cloze.num_classes(config.cloze),
