@@ -3,7 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vcp_jax import train
+from vcp_jax import config_utils, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -15,7 +15,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except config_utils.ConfigError as e:
+        raise app.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":
