@@ -398,3 +398,22 @@ def test_command_line(tmp_path):
         cmd + ["--num_classes=99"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
     )
     assert run.returncode != 0 and str(synthetic.MAX_CLASSES) in run.stderr
+
+
+def test_camera_pan_moves_the_whole_scene():
+    # RotateClockwise: the objects spin in place, so any global shift is the camera's.
+    still = synthetic.render_video(4, num_frames=12, height=48, width=64, seed=0, video_index=1)
+    panned = synthetic.render_video(
+        4, num_frames=12, height=48, width=64, seed=0, video_index=1, camera_pan=0.05
+    )
+    np.testing.assert_array_equal(panned[0], still[0])  # the same scene, before it moves
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float32) for f in (panned[0], panned[4])]
+    (dx, dy), _ = cv2.phaseCorrelate(gray[0], gray[1])
+    # 4 frames at 0.5..1.0 x 0.05 x 48 pixels per frame: 4.8 to 9.6 pixels of global shift
+    # (measured with some slack: the objects' own motion pulls the estimate a little).
+    assert 4 <= np.hypot(dx, dy) <= 12
+    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float32) for f in (still[0], still[4])]
+    (dx, dy), _ = cv2.phaseCorrelate(gray[0], gray[1])
+    assert np.hypot(dx, dy) < 1.5  # a static camera: the background stays
+    with pytest.raises(ValueError, match="camera_pan"):
+        synthetic.generate("/nonexistent", layout="ucf101", camera_pan=0.5)

@@ -318,12 +318,22 @@ def _motion_params(motion: Motion, rng: np.random.Generator, h: int, w: int) -> 
 
 
 def render_video(
-    motion: Motion | int, *, num_frames: int, height: int, width: int, seed: int, video_index: int
+    motion: Motion | int,
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    seed: int,
+    video_index: int,
+    camera_pan: float = 0.0,
 ) -> np.ndarray:
     """Renders one video, ``(num_frames, height, width, 3)`` uint8 RGB, before encoding.
 
     The appearance (scene) is drawn from one RNG stream and the motion parameters from another,
     both seeded from ``(seed, class index, video_index)``; the scene draw never looks at the class.
+    ``camera_pan`` > 0 adds a camera pan, the same for every class: the whole scene drifts in a
+    random direction at up to ``camera_pan`` of the frame size per frame (class motion is then
+    relative to the background, as in hand-held footage).
     """
     idx = MOTIONS.index(motion) if isinstance(motion, Motion) else int(motion)
     motion = MOTIONS[idx]
@@ -333,7 +343,14 @@ def render_video(
     params = _motion_params(motion, mrng, height, width)
     # Small per-object speed jitter, so several objects do not move as one rigid block.
     jitter = mrng.uniform(0.85, 1.15, len(objects))
-    return _render(motion, params, jitter, bg, objects, num_frames)
+    pan = np.zeros(2)
+    if camera_pan > 0:
+        # Its own stream, so the scene and motion draws stay as they are without a pan.
+        prng = np.random.default_rng(np.random.SeedSequence([seed, idx, video_index, 2]))
+        theta = prng.uniform(0.0, 2 * np.pi)
+        speed = prng.uniform(0.5, 1.0) * camera_pan * min(height, width)
+        pan = speed * np.array([math.cos(theta), math.sin(theta)])
+    return _render(motion, params, jitter, bg, objects, num_frames, pan)
 
 
 def _object_state(
@@ -370,17 +387,28 @@ def _render(
     bg: np.ndarray,
     objects: Sequence[_Object],
     num_frames: int,
+    pan: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Draws ``objects`` (in order, later ones on top) over ``bg`` for ``num_frames`` frames."""
+    """Draws ``objects`` (in order, later ones on top) over ``bg`` for ``num_frames`` frames.
+
+    ``pan`` (pixels per frame, x and y) shifts the whole scene, wrapping around the frame edges.
+    """
     h, w = bg.shape[:2]
     torus = np.array([w, h], np.float64)
     frames = np.empty((num_frames, h, w, 3), np.uint8)
     canvas = np.empty_like(bg)
+    panning = pan is not None and bool(np.any(pan))
     for t in range(num_frames):
-        np.copyto(canvas, bg)
+        shift = pan * t if panning else np.zeros(2)
+        if panning:
+            matrix = np.array([[1.0, 0.0, shift[0]], [0.0, 1.0, shift[1]]])
+            cv2.warpAffine(bg, matrix, (w, h), dst=canvas, flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_WRAP)
+        else:
+            np.copyto(canvas, bg)
         for obj, jit in zip(objects, jitter, strict=True):
             center, angle, z = _object_state(motion, params, obj, float(jit), t)
-            _paste_wrapped(canvas, obj, center % torus, angle, z, torus)
+            _paste_wrapped(canvas, obj, (center + shift) % torus, angle, z, torus)
         np.clip(canvas, 0.0, 255.0, out=canvas)
         frames[t] = (canvas + 0.5).astype(np.uint8)
     return frames
@@ -438,9 +466,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
             container.mux(packet)
 
 
-def _write_one(job: tuple[str, int, int, int, int, int, int, float]) -> None:
+def _write_one(job: tuple[str, int, int, int, int, int, int, float, float]) -> None:
     """Process-pool task: render and encode one video."""
-    path, class_idx, video_idx, num_frames, height, width, seed, fps = job
+    path, class_idx, video_idx, num_frames, height, width, seed, fps, camera_pan = job
     cv2.setNumThreads(1)  # The pool already uses every core.
     frames = render_video(
         class_idx,
@@ -449,6 +477,7 @@ def _write_one(job: tuple[str, int, int, int, int, int, int, float]) -> None:
         width=width,
         seed=seed,
         video_index=video_idx,
+        camera_pan=camera_pan,
     )
     write_video(path, frames, fps)
 
@@ -634,6 +663,8 @@ def _validate(params: dict) -> None:
         raise ValueError(f"seed must be >= 0, got {params['seed']}")
     if not params["fps"] > 0:
         raise ValueError(f"fps must be > 0, got {params['fps']}")
+    if not 0 <= params.get("camera_pan", 0.0) <= 0.1:
+        raise ValueError(f"camera_pan must be in [0, 0.1], got {params['camera_pan']}")
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -666,6 +697,7 @@ def generate(
     width: int = 160,
     seed: int = 0,
     fps: float = 25.0,
+    camera_pan: float = 0.0,
     workers: int | None = None,
 ) -> SyntheticDataset:
     """Writes the synthetic dataset under ``out_dir`` (see the module docstring for the layout).
@@ -680,6 +712,8 @@ def generate(
       height, width: frame size, even.
       seed: the content (not the file names or splits) depends on it; same seed, same frames.
       fps: frame rate written in the container.
+      camera_pan: largest camera pan, as a fraction of the frame size per frame (0: static
+        camera); the pan's direction and speed are random per video, never tied to the class.
       workers: processes for rendering/encoding; None = all cores, 1 = in this process.
 
     Returns:
@@ -699,6 +733,8 @@ def generate(
         "seed": int(seed),
         "fps": float(fps),
     }
+    if camera_pan:  # recorded only when used, so markers of static-camera datasets stay valid
+        params["camera_pan"] = float(camera_pan)
     _validate(params)
     root = Path(out_dir)
     videos_dir, splits_dir = (root / f for f in _FOLDERS[layout])
@@ -740,7 +776,10 @@ def generate(
     for name, lines in splits.items():
         _write_lines(splits_dir / name, lines, newline)
 
-    tasks = [(str(p), c, i, num_frames, height, width, seed, float(fps)) for p, c, i in jobs]
+    tasks = [
+        (str(p), c, i, num_frames, height, width, seed, float(fps), float(camera_pan))
+        for p, c, i in jobs
+    ]
     n_workers = min(workers or os.cpu_count() or 1, len(tasks))
     if n_workers <= 1:
         for task in tasks:
@@ -771,6 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=float, default=25.0)
+    parser.add_argument("--camera_pan", type=float, default=0.0,
+                        help="largest camera pan, fraction of the frame per frame (0: static)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -785,6 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             width=args.width,
             seed=args.seed,
             fps=args.fps,
+            camera_pan=args.camera_pan,
             workers=args.workers,
         )
     except ValueError as e:
