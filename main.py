@@ -1,6 +1,6 @@
 """vcp-jax entry point: `python main.py --config configs/<name>.py --workdir DIR [--config.k=v]`."""
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from vcp_jax import config_utils, train
@@ -14,7 +14,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except config_utils.ConfigError as e:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -293,8 +292,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     data = input_pipeline.pretrain_data(
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    logging.info("pretraining on %d videos, validating on %d (%d too short for a tuple)",
-                 data.num_train_videos, data.num_val_videos, data.num_too_short)
+    if is_main:
+        print(f"pretraining on {data.num_train_videos} videos, validating on "
+              f"{data.num_val_videos} ({data.num_too_short} too short for a tuple, skipped)")
 
     strategy = parallel.make_strategy(config.parallel)
     state, fns = create_train_state(config, bn_axis_name=strategy.axis_name)
@@ -305,7 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", config)
     state, start_step = ckpt.restore_latest(state, train_iter)
     if start_step:
-        logging.info("resumed from the checkpoint of step %d", start_step)
+        if is_main:
+            print(f"resumed from the checkpoint of step {start_step} in {ckpt.directory}")
     state = strategy.put_state(state)
 
     writer = checkpointing.metric_writer(workdir) if is_main else None
@@ -352,6 +353,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     }
     if is_main:
         (workdir / "metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        per_option = ", ".join(
+            f"{k.split('/', 1)[1]} {v:.2f}" for k, v in val_metrics.items()
+            if k.startswith("val_accuracy/")
+        )
+        print(f"held-out VCP accuracy {final.get('val_vcp_accuracy', float('nan')):.3f} "
+              f"(chance {final['chance_accuracy']:.3f}); per option: {per_option}\n"
+              f"metrics: {workdir / 'metrics.json'}")
         if writer is not None:
             writer.close()
     ckpt.close()
