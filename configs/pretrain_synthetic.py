@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
         # A random camera pan per video (never tied to the class): temporal shuffles and remote
         # clips then break the motion of the whole frame, not only of the small objects.
         camera_pan=0.03,
+        # Light from above (class-independent), as sky over ground in real footage: rotated and
+        # permuted blanks then show an up-down layout that no context clip has.
+        top_light=80.0,
         build_workers=None,  # every core
     ))
     config.model.width = 8

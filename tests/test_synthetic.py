@@ -417,3 +417,13 @@ def test_camera_pan_moves_the_whole_scene():
     assert np.hypot(dx, dy) < 1.5  # a static camera: the background stays
     with pytest.raises(ValueError, match="camera_pan"):
         synthetic.generate("/nonexistent", layout="ucf101", camera_pan=0.5)
+
+
+def test_top_light_brightens_the_top_of_every_frame():
+    lit = synthetic.render_video(4, num_frames=4, height=48, width=64, seed=0, video_index=1,
+                                 top_light=80)
+    plain = synthetic.render_video(4, num_frames=4, height=48, width=64, seed=0, video_index=1)
+    added = lit.astype(np.float64) - plain
+    assert added[:, :4].mean() > 15 and added[:, -4:].mean() < -15  # up is brighter than down
+    with pytest.raises(ValueError, match="top_light"):
+        synthetic.generate("/nonexistent", layout="ucf101", top_light=-1)

@@ -331,6 +331,7 @@ def ensure_dataset(data: ml_collections.ConfigDict) -> None:
         width=synthetic_config.width,
         seed=synthetic_config.seed,
         camera_pan=synthetic_config.get("camera_pan", 0.0),
+        top_light=synthetic_config.get("top_light", 0.0),
     )
     build_lib.build(data.name, manual_dir=manual_dir, data_dir=data_dir, config=data.config,
                     num_workers=synthetic_config.get("build_workers"))

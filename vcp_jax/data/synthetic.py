@@ -326,6 +326,7 @@ def render_video(
     seed: int,
     video_index: int,
     camera_pan: float = 0.0,
+    top_light: float = 0.0,
 ) -> np.ndarray:
     """Renders one video, ``(num_frames, height, width, 3)`` uint8 RGB, before encoding.
 
@@ -333,7 +334,9 @@ def render_video(
     both seeded from ``(seed, class index, video_index)``; the scene draw never looks at the class.
     ``camera_pan`` > 0 adds a camera pan, the same for every class: the whole scene drifts in a
     random direction at up to ``camera_pan`` of the frame size per frame (class motion is then
-    relative to the background, as in hand-held footage).
+    relative to the background, as in hand-held footage). ``top_light`` > 0 lights the frame
+    from above, up to that many grey levels brighter at the top than at the bottom (fixed to the
+    camera, like sky over ground): scenes then have an up and a down, as real footage does.
     """
     idx = MOTIONS.index(motion) if isinstance(motion, Motion) else int(motion)
     motion = MOTIONS[idx]
@@ -343,14 +346,18 @@ def render_video(
     params = _motion_params(motion, mrng, height, width)
     # Small per-object speed jitter, so several objects do not move as one rigid block.
     jitter = mrng.uniform(0.85, 1.15, len(objects))
+    # The camera's own stream, so the scene and motion draws stay as they are without it.
+    prng = np.random.default_rng(np.random.SeedSequence([seed, idx, video_index, 2]))
     pan = np.zeros(2)
     if camera_pan > 0:
-        # Its own stream, so the scene and motion draws stay as they are without a pan.
-        prng = np.random.default_rng(np.random.SeedSequence([seed, idx, video_index, 2]))
         theta = prng.uniform(0.0, 2 * np.pi)
         speed = prng.uniform(0.5, 1.0) * camera_pan * min(height, width)
         pan = speed * np.array([math.cos(theta), math.sin(theta)])
-    return _render(motion, params, jitter, bg, objects, num_frames, pan)
+    light = None
+    if top_light > 0:
+        amplitude = prng.uniform(0.5, 1.0) * top_light
+        light = amplitude * (0.5 - np.linspace(0.0, 1.0, height, dtype=np.float32))[:, None, None]
+    return _render(motion, params, jitter, bg, objects, num_frames, pan, light)
 
 
 def _object_state(
@@ -388,10 +395,12 @@ def _render(
     objects: Sequence[_Object],
     num_frames: int,
     pan: np.ndarray | None = None,
+    light: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draws ``objects`` (in order, later ones on top) over ``bg`` for ``num_frames`` frames.
 
-    ``pan`` (pixels per frame, x and y) shifts the whole scene, wrapping around the frame edges.
+    ``pan`` (pixels per frame, x and y) shifts the whole scene, wrapping around the frame edges;
+    ``light`` ((h, 1, 1) grey levels) is added to every frame, fixed to the camera.
     """
     h, w = bg.shape[:2]
     torus = np.array([w, h], np.float64)
@@ -409,6 +418,8 @@ def _render(
         for obj, jit in zip(objects, jitter, strict=True):
             center, angle, z = _object_state(motion, params, obj, float(jit), t)
             _paste_wrapped(canvas, obj, (center + shift) % torus, angle, z, torus)
+        if light is not None:
+            canvas += light
         np.clip(canvas, 0.0, 255.0, out=canvas)
         frames[t] = (canvas + 0.5).astype(np.uint8)
     return frames
@@ -466,9 +477,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
             container.mux(packet)
 
 
-def _write_one(job: tuple[str, int, int, int, int, int, int, float, float]) -> None:
+def _write_one(job: tuple[str, int, int, int, int, int, int, float, float, float]) -> None:
     """Process-pool task: render and encode one video."""
-    path, class_idx, video_idx, num_frames, height, width, seed, fps, camera_pan = job
+    path, class_idx, video_idx, num_frames, height, width, seed, fps, camera_pan, top_light = job
     cv2.setNumThreads(1)  # The pool already uses every core.
     frames = render_video(
         class_idx,
@@ -478,6 +489,7 @@ def _write_one(job: tuple[str, int, int, int, int, int, int, float, float]) -> N
         seed=seed,
         video_index=video_idx,
         camera_pan=camera_pan,
+        top_light=top_light,
     )
     write_video(path, frames, fps)
 
@@ -665,6 +677,8 @@ def _validate(params: dict) -> None:
         raise ValueError(f"fps must be > 0, got {params['fps']}")
     if not 0 <= params.get("camera_pan", 0.0) <= 0.1:
         raise ValueError(f"camera_pan must be in [0, 0.1], got {params['camera_pan']}")
+    if not 0 <= params.get("top_light", 0.0) <= 255:
+        raise ValueError(f"top_light must be in [0, 255], got {params['top_light']}")
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -698,6 +712,7 @@ def generate(
     seed: int = 0,
     fps: float = 25.0,
     camera_pan: float = 0.0,
+    top_light: float = 0.0,
     workers: int | None = None,
 ) -> SyntheticDataset:
     """Writes the synthetic dataset under ``out_dir`` (see the module docstring for the layout).
@@ -714,6 +729,8 @@ def generate(
       fps: frame rate written in the container.
       camera_pan: largest camera pan, as a fraction of the frame size per frame (0: static
         camera); the pan's direction and speed are random per video, never tied to the class.
+      top_light: largest top-to-bottom brightness difference in grey levels (0: none); random
+        per video, never tied to the class.
       workers: processes for rendering/encoding; None = all cores, 1 = in this process.
 
     Returns:
@@ -735,6 +752,8 @@ def generate(
     }
     if camera_pan:  # recorded only when used, so markers of static-camera datasets stay valid
         params["camera_pan"] = float(camera_pan)
+    if top_light:
+        params["top_light"] = float(top_light)
     _validate(params)
     root = Path(out_dir)
     videos_dir, splits_dir = (root / f for f in _FOLDERS[layout])
@@ -777,7 +796,8 @@ def generate(
         _write_lines(splits_dir / name, lines, newline)
 
     tasks = [
-        (str(p), c, i, num_frames, height, width, seed, float(fps), float(camera_pan))
+        (str(p), c, i, num_frames, height, width, seed, float(fps), float(camera_pan),
+         float(top_light))
         for p, c, i in jobs
     ]
     n_workers = min(workers or os.cpu_count() or 1, len(tasks))
@@ -812,6 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=25.0)
     parser.add_argument("--camera_pan", type=float, default=0.0,
                         help="largest camera pan, fraction of the frame per frame (0: static)")
+    parser.add_argument("--top_light", type=float, default=0.0,
+                        help="largest top-to-bottom brightness difference, grey levels (0: none)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -827,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             fps=args.fps,
             camera_pan=args.camera_pan,
+            top_light=args.top_light,
             workers=args.workers,
         )
     except ValueError as e:
