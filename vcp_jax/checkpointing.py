@@ -100,9 +100,14 @@ class Checkpointer:
         return restored["state"]
 
     def best_step(self) -> int | None:
-        """The step with the lowest validation loss saved so far, if any was evaluated."""
+        """The step with the lowest validation loss saved so far, if any was evaluated.
+
+        None also when that save never reached the disk (the run died while it was in flight).
+        """
         best = self._read_best()
-        return None if best is None else int(best["step"])
+        if best is None or int(best["step"]) not in self.manager.all_steps():
+            return None
+        return int(best["step"])
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
