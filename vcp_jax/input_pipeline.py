@@ -321,17 +321,9 @@ def ensure_dataset(data: ml_collections.ConfigDict) -> None:
         return
     manual_dir = Path(synthetic_config.manual_dir).expanduser()
     print(f"generating synthetic videos in {manual_dir}, building {data.name}/{data.config}")
-    synthetic.generate(
-        manual_dir,
-        layout=synthetic_config.layout,
-        num_classes=synthetic_config.num_classes,
-        videos_per_class=synthetic_config.videos_per_class,
-        num_frames=synthetic_config.num_frames,
-        height=synthetic_config.height,
-        width=synthetic_config.width,
-        seed=synthetic_config.seed,
-        camera_pan=synthetic_config.get("camera_pan", 0.0),
-        top_light=synthetic_config.get("top_light", 0.0),
-    )
+    # Every other key of `data.synthetic` is an argument of `synthetic.generate`.
+    not_generate_args = ("manual_dir", "build_workers")
+    options = {k: v for k, v in synthetic_config.items() if k not in not_generate_args}
+    synthetic.generate(manual_dir, **options)
     build_lib.build(data.name, manual_dir=manual_dir, data_dir=data_dir, config=data.config,
                     num_workers=synthetic_config.get("build_workers"))
