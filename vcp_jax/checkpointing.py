@@ -109,9 +109,6 @@ class Checkpointer:
             return None
         return int(best["step"])
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def _read_best(self) -> dict[str, Any] | None:
         path = self.directory / _BEST_FILE
         return json.loads(path.read_text()) if path.is_file() else None

@@ -312,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     writer = checkpointing.metric_writer(workdir) if is_main else None
     bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit="step",
                     desc="VCP pretraining", disable=not is_main, dynamic_ncols=True)
+    lr_schedule = learning_rate_schedule(config)  # for logging; the optimizer holds its own
     val_metrics: dict[str, float] = {}
     recent: list[dict[str, np.ndarray]] = []
     step_start = time.perf_counter()
@@ -324,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             fetched = [strategy.fetch(m) for m in recent]
             summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
             summary["steps_per_second"] = len(recent) / (time.perf_counter() - step_start)
-            summary["learning_rate"] = float(learning_rate_schedule(config)(step - 1))
+            summary["learning_rate"] = float(lr_schedule(step - 1))
             bar.set_postfix(loss=f"{summary['loss']:.3f}", acc=f"{summary['accuracy']:.3f}")
             checkpointing.write_scalars(writer, step, summary, prefix="train/")
             recent, step_start = [], time.perf_counter()
