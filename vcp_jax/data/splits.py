@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 FOLDS = (1, 2, 3)
@@ -217,9 +217,34 @@ def _check_disjoint(where: Path, train: list[VideoEntry], test: list[VideoEntry]
         )
 
 
-def read_split(dataset: str, splits_dir: Path, fold: int) -> Split:
-    """`read_ucf101_split` or `read_hmdb51_split` by dataset name ('ucf101' or 'hmdb51')."""
-    readers = {"ucf101": read_ucf101_split, "hmdb51": read_hmdb51_split}
+def is_split_folder(dataset: str, file_names: Iterable[str]) -> bool:
+    """Whether a folder holding `file_names` holds the split files of `dataset`.
+
+    The builders find the split files by content, not by folder name: the official folders
+    (`ucfTrainTestlist/`, `testTrainMulti_7030_splits/`) are often renamed (mmaction2 moves the
+    files into `annotations/`) or unpacked straight into the download folder.
+    """
+    names = set(file_names)
+    if dataset == "ucf101":
+        return "classInd.txt" in names
+    if dataset == "hmdb51":
+        return any(_HMDB_SPLIT_FILE.match(name) for name in names)
+    raise ValueError(f"dataset must be one of {sorted(_READERS)}, got {dataset!r}")
+
+
+def read_classes(dataset: str, splits_dir: Path) -> tuple[str, ...]:
+    """The official class names of `dataset` ('ucf101' or 'hmdb51'), read from its split files."""
+    readers = {"ucf101": read_ucf101_classes, "hmdb51": read_hmdb51_classes}
     if dataset not in readers:
         raise ValueError(f"dataset must be one of {sorted(readers)}, got {dataset!r}")
-    return readers[dataset](splits_dir, fold)
+    return readers[dataset](splits_dir)
+
+
+def read_split(dataset: str, splits_dir: Path, fold: int) -> Split:
+    """`read_ucf101_split` or `read_hmdb51_split` by dataset name ('ucf101' or 'hmdb51')."""
+    if dataset not in _READERS:
+        raise ValueError(f"dataset must be one of {sorted(_READERS)}, got {dataset!r}")
+    return _READERS[dataset](splits_dir, fold)
+
+
+_READERS = {"ucf101": read_ucf101_split, "hmdb51": read_hmdb51_split}
