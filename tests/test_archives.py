@@ -16,7 +16,7 @@ import pytest
 
 from tests import rar_writer
 from vcp_jax.data import archives
-from vcp_jax.data.archives import ArchiveError, extract, find_or_extract
+from vcp_jax.data.archives import ArchiveError, extract
 
 # Names with the characters HMDB51 video names hold, in nested folders.
 FILES: dict[str, bytes] = {
@@ -381,101 +381,53 @@ def test_corrupt_rar_header_raises(tmp_path: Path) -> None:
         extract(archive, tmp_path / "out", progress=False)
 
 
-# ---- find_or_extract ----------------------------------------------------------------------------
-
-UCF_FILES = {
-    "UCF101/ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi": b"1" * 100,
-    "UCF101/HandstandPushups/v_HandStandPushups_g01_c01.avi": b"2" * 200,
-}
+# ---- is_extracted, member_names -----------------------------------------------------------------
 
 
-def test_find_or_extract_prefers_extracted_folder(
+def test_is_extracted_follows_the_archive_and_survives_its_deletion(tmp_path: Path) -> None:
+    archive = MAKERS["rar4"](tmp_path / "UCF101.rar")
+    dest = tmp_path / "out"
+    assert not archives.is_extracted(archive, dest)
+    extract(archive, dest, progress=False)
+    assert archives.is_extracted(archive, dest)
+    os.utime(archive, ns=(1, 1))  # re-downloaded: extract it again
+    assert not archives.is_extracted(archive, dest)
+    extract(archive, dest, progress=False)
+    archive.unlink()  # the user frees the space: the complete extraction still counts
+    assert archives.is_extracted(archive, dest)
+    assert not archives.is_extracted(tmp_path / "other.rar", dest)
+
+
+def test_interrupted_extraction_is_not_extracted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manual = tmp_path / "manual"
-    (manual / "UCF101").mkdir(parents=True)
-    MAKERS["rar4"](manual / "UCF101.rar", UCF_FILES, [])
-    monkeypatch.setattr(archives, "extract", lambda *a, **k: pytest.fail("extracted"))
-    found = find_or_extract(manual, tmp_path / "x", folder="UCF101", archives=["UCF101.rar"])
-    assert found == manual / "UCF101"
-    assert not (tmp_path / "x").exists()
+    archive = MAKERS["zip"](tmp_path / "a.zip")
 
+    def interrupted(*args: object) -> None:
+        raise Interrupted
 
-def test_find_or_extract_extracts_archive_with_top_folder(tmp_path: Path) -> None:
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    archive = MAKERS["rar4"](manual / "UCF101.rar", UCF_FILES, [])
-    digest = sha256(archive)
-    root = tmp_path / "extracted"
-    found = find_or_extract(manual, root, folder="UCF101", archives=["UCF101.zip", "UCF101.rar"])
-    assert found == root / "UCF101"
-    assert_extracted(root, UCF_FILES)
-    assert sha256(archive) == digest
-    assert sorted(p.name for p in manual.iterdir()) == ["UCF101.rar"]
-    # The user may delete the archive once extracted.
-    archive.unlink()
-    assert find_or_extract(manual, root, folder="UCF101", archives=["UCF101.rar"]) == found
-
-
-def test_find_or_extract_flat_nested_archive_goes_into_folder(tmp_path: Path) -> None:
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    expected = hmdb_layout(manual / "hmdb51_org.rar")
-    root = tmp_path / "extracted"
-    found = find_or_extract(
-        manual, root, folder="hmdb51_org", archives=["hmdb51_org.rar"], nested=True
-    )
-    assert found == root / "hmdb51_org"
-    assert_extracted(found, expected)
-
-
-def test_find_or_extract_wrong_folder_lists_top_level(tmp_path: Path) -> None:
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    MAKERS["zip"](manual / "splits.zip", {"ucfTrainTestlist/classInd.txt": b"1 A\r\n"}, [])
-    with pytest.raises(ArchiveError, match="ucfTrainTestlist/") as info:
-        find_or_extract(manual, tmp_path / "x", folder="UCF101", archives=["splits.zip"])
-    assert "UCF101" in str(info.value)
-    assert not (tmp_path / "x").exists()  # refused before extracting
-
-
-def test_find_or_extract_missing_both_names_expectations(tmp_path: Path) -> None:
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    with pytest.raises(FileNotFoundError) as info:
-        find_or_extract(
-            manual, tmp_path / "x", folder="hmdb51_org", archives=["hmdb51_org.rar"], nested=True
-        )
-    message = str(info.value)
-    assert "hmdb51_org.rar" in message
-    assert str(manual / "hmdb51_org") in message
-    assert str(manual) in message
-
-
-def test_find_or_extract_into_manual_dir_resumes_partial_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With extract_root == manual_dir, a half-extracted folder is not taken for a user's."""
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    MAKERS["rar4"](manual / "UCF101.rar", UCF_FILES, [])
-    real_copy = archives._copy
-
-    def interrupt_second(archive, copy, out, on_bytes):
-        if "HandStand" in out.name:
-            raise Interrupted
-        real_copy(archive, copy, out, on_bytes)
-
-    monkeypatch.setattr(archives, "_copy", interrupt_second)
+    monkeypatch.setattr(archives, "_copy", interrupted)
     with pytest.raises(Interrupted):
-        find_or_extract(manual, manual, folder="UCF101", archives=["UCF101.rar"])
-    assert (manual / "UCF101").is_dir()
-    monkeypatch.setattr(archives, "_copy", real_copy)
-    assert find_or_extract(manual, manual, folder="UCF101", archives=["UCF101.rar"]) == (
-        manual / "UCF101"
-    )
-    for name, data in UCF_FILES.items():
-        assert (manual / name).read_bytes() == data
+        extract(archive, tmp_path / "out", progress=False)
+    assert not archives.is_extracted(archive, tmp_path / "out")
+    archive.unlink()
+    assert not archives.is_extracted(archive, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_member_names_lists_files_without_extracting(tmp_path: Path, kind: str) -> None:
+    archive = MAKERS[kind](tmp_path / "a.arc")
+    names = archives.member_names(archive)
+    assert names == list(FILES)  # "/" separators, folders left out
+    assert archives.describe_top_level(names) == "brush_hair/, cartwheel/, empty.bin"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.arc"]
+
+
+def test_member_names_of_a_corrupt_archive_raises(tmp_path: Path) -> None:
+    archive = tmp_path / "UCF101.rar"
+    archive.write_bytes(rar_writer.rar4_bytes(_members())[:-300])
+    with pytest.raises(ArchiveError, match="UCF101.rar"):
+        archives.member_names(archive)
 
 
 def test_zip_member_read_error_is_archive_error(tmp_path: Path) -> None:

@@ -114,7 +114,9 @@ def test_hmdb51_from_real_samples(shared_data: Path, tmp_path: Path) -> None:
     assert train[0]["source_width"] == 560 and test[0]["source_width"] == 432
 
 
-def test_bad_videos_are_skipped_and_reported(tmp_path: Path) -> None:
+def test_bad_videos_are_skipped_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manual, data_dir = tmp_path / "manual", tmp_path / "data"
     info = synthetic.generate(
         manual,
@@ -138,10 +140,15 @@ def test_bad_videos_are_skipped_and_reported(tmp_path: Path) -> None:
     report = json.loads((Path(builder.data_dir) / video_frames.REPORT_NAME).read_text())
     skipped = {s["video"]: s["reason"] for s in report["splits"]["train"]["skipped"]}
     assert set(skipped) == {corrupt.relpath, truncated.relpath}
-    assert "truncated" in skipped[truncated.relpath]
+    assert skipped[truncated.relpath].startswith("truncated (decoded ")
+    assert skipped[corrupt.relpath].startswith("cannot open")  # the path is in "video"
     assert report["splits"]["test"]["skipped"] == [
         {"video": missing.relpath, "reason": "file not found"}
     ]
+    printed = capsys.readouterr().out
+    assert "skipped (3):" in printed
+    assert f"    test: {missing.relpath}: file not found" in printed
+    assert f"    train: {truncated.relpath}: truncated (decoded " in printed
     train = tfds.data_source(f"ucf101_frames/{SMALL}", split="train", data_dir=str(data_dir))
     assert len(train) == len(split.train) - 2
     assert report["splits"]["train"]["written"] == len(split.train) - 2

@@ -2,10 +2,15 @@
 
     python -m tfds_builders.build ucf101_frames --manual_dir=~/data/ucf101 \
         --data_dir=~/tensorflow_datasets [--config=split1] [--num_workers=N]
+    python -m tfds_builders.build ucf101_frames --data_dir=~/tensorflow_datasets --summary
 
+`--manual_dir` holds the downloaded archives, or their contents unpacked the usual way (see each
+builder's MANUAL_DOWNLOAD_INSTRUCTIONS): the videos and split files are found by content.
 `--config` takes `split1`, `split2`, `split3`, or a size/quality variant such as `split1_64x85`
 or `split1_128x171_q75`; `--config=all` builds the three folds. A build that was interrupted is
-simply run again: its leftovers are removed and archives already extracted are reused.
+simply run again: its leftovers are removed and archives already extracted are reused. Every
+build ends with a summary (also in `build_report.json`); `--summary` prints it again for a
+dataset built earlier, without rebuilding.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import tensorflow_datasets as tfds
 
 from tfds_builders import BUILDERS
+from tfds_builders import summary as summary_lib
 
 
 def remove_incomplete(data_dir: Path, name: str, config: str) -> None:
@@ -26,6 +33,12 @@ def remove_incomplete(data_dir: Path, name: str, config: str) -> None:
     for leftover in (data_dir / name / config).glob("incomplete.*"):
         print(f"removing the leftovers of an interrupted build: {leftover}")
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _builder(name: str, data_dir: Path, config: str, num_workers: int | None = None) -> Any:
+    if name not in BUILDERS:
+        raise ValueError(f"dataset must be one of {sorted(BUILDERS)}, got {name!r}")
+    return BUILDERS[name](config=config, data_dir=str(data_dir), num_workers=num_workers)
 
 
 def build(
@@ -36,16 +49,18 @@ def build(
     config: str = "split1",
     num_workers: int | None = None,
 ) -> tfds.core.DatasetBuilder:
-    """Builds one config of one dataset; returns the builder (already-built data is reused)."""
-    if name not in BUILDERS:
-        raise ValueError(f"dataset must be one of {sorted(BUILDERS)}, got {name!r}")
+    """Builds one config of one dataset; returns the builder (already-built data is reused).
+
+    The manual dir is searched before TFDS starts, so a wrong layout fails at once with the list
+    of what was found and what is accepted (`layouts.ManualDirError`).
+    """
     data_dir, manual_dir = Path(data_dir).expanduser(), Path(manual_dir).expanduser()
-    builder = BUILDERS[name](config=config, data_dir=str(data_dir), num_workers=num_workers)
-    if not builder.is_prepared() and (not manual_dir.is_dir() or not any(manual_dir.iterdir())):
-        raise FileNotFoundError(
-            f"manual dir {manual_dir} is missing or empty. "
-            f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-        )
+    builder = _builder(name, data_dir, config, num_workers)
+    if builder.is_prepared():
+        print(f"{name}/{builder.builder_config.name} is already built in {builder.data_dir}")
+        print(summary_lib.describe_built(builder, scan=False))
+        return builder
+    builder.locate_data(manual_dir)
     remove_incomplete(data_dir, name, builder.builder_config.name)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
@@ -53,23 +68,45 @@ def build(
     return builder
 
 
+def summarize(name: str, *, data_dir: Path, config: str = "split1") -> str:
+    """The summary of a dataset built earlier (from its report, or by reading it); no building."""
+    data_dir = Path(data_dir).expanduser()
+    builder = _builder(name, data_dir, config)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"{name}/{builder.builder_config.name} is not built in {data_dir}; build it with: "
+            f"python -m tfds_builders.build {name} --manual_dir=DIR --data_dir={data_dir} "
+            f"--config={builder.builder_config.name}"
+        )
+    return summary_lib.describe_built(builder)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("datasets", nargs="+", choices=sorted(BUILDERS), metavar="NAME",
                         help=f"one or more of {sorted(BUILDERS)}")
-    parser.add_argument("--manual_dir", required=True, type=Path,
-                        help="folder with the archives or extracted videos and split files")
+    parser.add_argument("--manual_dir", type=Path,
+                        help="folder with the downloaded archives, or their unpacked contents")
     parser.add_argument("--data_dir", default="~/tensorflow_datasets", type=Path,
                         help="where the built datasets go")
     parser.add_argument("--config", default="split1",
                         help="split1 (default), split2, split3, all, or e.g. split1_64x85")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="decoding processes (default: every core)")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the summary of the already built dataset; build nothing")
     args = parser.parse_args(argv)
+    if not args.summary and args.manual_dir is None:
+        parser.error("--manual_dir is required to build (or pass --summary)")
     configs = ["split1", "split2", "split3"] if args.config == "all" else [args.config]
+    # One bar per split is ours; TFDS's own bars (splits, examples, shuffling) only add noise.
+    tfds.disable_progress_bar()
     for name in args.datasets:
         for config in configs:
             try:
+                if args.summary:
+                    print(summarize(name, data_dir=args.data_dir, config=config))
+                    continue
                 builder = build(name, manual_dir=args.manual_dir, data_dir=args.data_dir,
                                 config=config, num_workers=args.num_workers)
             except (FileNotFoundError, ValueError) as e:

@@ -17,16 +17,25 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from tfds_builders import summary as summary_lib
+from tfds_builders.layouts import DatasetLayout, Located, ManualDirError, locate
 from vcp_jax.data import splits as splits_lib
-from vcp_jax.data import video as video_lib
 
-REPORT_NAME = "build_report.json"
+if TYPE_CHECKING:  # decoding (PyAV, OpenCV) is imported by the workers only, see _encode_worker
+    from vcp_jax.data import video as video_lib
+
+__all__ = [
+    "REPORT_NAME", "DatasetLayout", "Located", "ManualDirError", "VideoFramesBuilder",
+    "VideoFramesConfig", "config_name", "make_config", "resolve_video_path",
+]
+
+REPORT_NAME = summary_lib.REPORT_NAME
 _CONFIG_NAME = re.compile(r"^split(?P<fold>[123])(?:_(?P<h>\d+)x(?P<w>\d+))?(?:_q(?P<q>\d+))?$")
 DEFAULT_HEIGHT, DEFAULT_WIDTH, DEFAULT_QUALITY = 128, 171, 90
 
@@ -82,20 +91,12 @@ def make_config(name: str) -> VideoFramesConfig:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetLayout:
-    """Where a dataset's parts are in the manual dir, extracted or as distributed."""
-
-    dataset: str  # 'ucf101' or 'hmdb51', for the split parser
-    videos_folder: str
-    videos_archives: tuple[str, ...]
-    videos_nested: bool  # HMDB51: the outer archive holds one archive per class
-    splits_folder: str
-    splits_archives: tuple[str, ...]
-
-
 def _encode_worker(args: tuple[str, str, dict[str, Any]]) -> tuple[str, Any]:
     """Runs in a pool process: (key, EncodedVideo) or (key, error message)."""
+    # Imported here, not at the top: registering the builders (`import tfds_builders`, done by
+    # every training run) must not load PyAV and OpenCV, which only a build needs.
+    from vcp_jax.data import video as video_lib  # noqa: PLC0415
+
     key, path, kwargs = args
     try:
         return key, video_lib.encode_video(path, **kwargs)
@@ -106,6 +107,8 @@ def _encode_worker(args: tuple[str, str, dict[str, Any]]) -> tuple[str, Any]:
 
 
 def _init_worker() -> None:
+    from vcp_jax.data import video as video_lib  # noqa: PLC0415 - see _encode_worker
+
     video_lib.limit_threads()
 
 
@@ -123,6 +126,7 @@ class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registra
         super().__init__(**kwargs)
         self.num_workers = num_workers or os.cpu_count() or 1
         self._report: dict[str, Any] = {}
+        self._located: Located | None = None
 
     @classmethod
     def get_builder_config(
@@ -163,7 +167,10 @@ class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registra
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-        videos_root, splits_dir = self.locate_data(Path(dl_manager.manual_dir))
+        # `build` locates the data first. Only without it is TFDS's `manual_dir` asked, which
+        # refuses an empty folder: legitimate once the archives were deleted after extraction.
+        located = self._located or self.locate_data(Path(dl_manager.manual_dir))
+        splits_dir = located.splits_dir
         split = splits_lib.read_split(self.LAYOUT.dataset, splits_dir, self.builder_config.fold)
         label = self.info.features["label"]
         if label.num_classes is None:
@@ -173,16 +180,27 @@ class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registra
                 f"the split files in {splits_dir} list other classes than this dataset "
                 f"was started with; build into another --data_dir"
             )
+        config = self.builder_config
+        print(f"{self.name}/{config.name}:\n{located.describe()}")
         self._report = {
-            "dataset": f"{self.name}/{self.builder_config.name}",
-            "manual_dir": str(dl_manager.manual_dir),
-            "videos_root": str(videos_root),
+            "dataset": f"{self.name}/{config.name}",
+            "version": str(self.version),
+            "frames": {"height": config.height, "width": config.width,
+                       "jpeg_quality": config.jpeg_quality, "resize": config.resize_method},
+            "manual_dir": str(located.manual_dir),
+            "videos_root": str(located.videos_root),
+            "videos_from": located.videos_from,
+            "splits_dir": str(splits_dir),
+            "splits_from": located.splits_from,
+            "videos_found": located.videos_found,
+            "class_folders": located.class_folders,
             "num_workers": self.num_workers,
+            "min_tuple_frames": summary_lib.TUPLE_FRAMES,
             "splits": {},
         }
         return {
-            "train": self._generate_examples(videos_root, split.train, "train"),
-            "test": self._generate_examples(videos_root, split.test, "test"),
+            "train": self._generate_examples(located.videos_root, split.train, "train"),
+            "test": self._generate_examples(located.videos_root, split.test, "test"),
         }
 
     def _generate_examples(
@@ -196,35 +214,41 @@ class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registra
             resize_method=config.resize_method,
         )
         by_key = {entry.relpath: entry for entry in entries}
-        jobs, skipped = [], []
+        jobs, skipped, resolved = [], [], {}
         for entry in entries:
             path = resolve_video_path(videos_root, entry.relpath)
             if path is None:
                 skipped.append({"video": entry.relpath, "reason": "file not found"})
             else:
                 jobs.append((entry.relpath, str(path), kwargs))
+                resolved[entry.relpath] = str(path)
 
         start, frames = time.perf_counter(), 0
+        written: list[summary_lib.VideoFacts] = []
         bar = tqdm.tqdm(total=len(jobs), desc=f"{self.name} {split_name}", unit="video")
         for key, result in self._map(jobs):
             bar.update()
             if isinstance(result, str):
-                skipped.append({"video": key, "reason": result})
-                bar.write(f"skipped: {result}")
+                # The decoder names the full path; the report names the video as the lists do.
+                reason = result.removeprefix(f"{resolved[key]}: ")
+                skipped.append({"video": key, "reason": reason})
+                bar.write(f"skipped {key}: {reason}")
                 continue
             frames += result.num_frames
+            entry = by_key[key]
+            written.append(summary_lib.VideoFacts(
+                key, entry.class_name, result.num_frames, sum(len(f) for f in result.frames)
+            ))
             bar.set_postfix(frames_per_s=f"{frames / (time.perf_counter() - start):.0f}")
-            yield key, self._example(by_key[key], result)
+            yield key, self._example(entry, result)
         bar.close()
         elapsed = time.perf_counter() - start
-        self._report["splits"][split_name] = {
-            "listed": len(entries),
-            "written": len(entries) - len(skipped),
-            "skipped": sorted(skipped, key=lambda s: s["video"]),
-            "frames": frames,
-            "seconds": round(elapsed, 2),
-            "frames_per_second": round(frames / elapsed, 1) if elapsed else None,
-        }
+        facts = summary_lib.split_facts(
+            written, skipped, self.info.features["label"].names, listed=len(entries)
+        )
+        facts["seconds"] = round(elapsed, 2)
+        facts["frames_per_second"] = round(frames / elapsed, 1) if elapsed else None
+        self._report["splits"][split_name] = facts
 
     def _map(self, jobs: list[tuple[str, str, dict[str, Any]]]) -> Iterator[tuple[str, Any]]:
         if self.num_workers <= 1 or len(jobs) <= 1:
@@ -250,33 +274,28 @@ class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registra
         }
 
     def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
-        """Builds the dataset, then writes the build report next to it and prints a summary."""
+        """Builds the dataset, then writes the build report next to it and prints its summary."""
+        self._report = {}
         super().download_and_prepare(*args, **kwargs)
         if self._report.get("splits"):
             path = Path(self.data_dir) / REPORT_NAME
             path.write_text(json.dumps(self._report, indent=2) + "\n")
-            print(summarize_report(self._report, path))
+            print(summary_lib.format_summary(self._report, path))
 
     # --- data location ------------------------------------------------------------------------
 
-    def locate_data(self, manual_dir: Path) -> tuple[Path, Path]:
-        """(videos root, split files folder), extracting archives from `manual_dir` if needed."""
-        from vcp_jax.data import archives  # noqa: PLC0415 - only needed when building
+    def locate_data(self, manual_dir: Path) -> Located:
+        """The videos and split files in `manual_dir`, found by content (see `layouts.py`).
 
-        if not manual_dir.is_dir():
-            raise FileNotFoundError(
-                f"manual dir {manual_dir} does not exist.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        Archives are extracted (once, resumably) under `extract_root`. The result is kept for the
+        build that follows, so the build command can check the manual dir before TFDS starts.
+        """
+        manual_dir = Path(manual_dir).expanduser()
+        if self._located is None or self._located.manual_dir != manual_dir:
+            self._located = locate(
+                self.LAYOUT, manual_dir, self.extract_root, self.builder_config.fold
             )
-        layout = self.LAYOUT
-        splits_dir = archives.find_or_extract(
-            manual_dir, self.extract_root, folder=layout.splits_folder,
-            archives=layout.splits_archives,
-        )
-        videos_root = archives.find_or_extract(
-            manual_dir, self.extract_root, folder=layout.videos_folder,
-            archives=layout.videos_archives, nested=layout.videos_nested,
-        )
-        return videos_root, splits_dir
+        return self._located
 
     # --- per-dataset facts ----------------------------------------------------------------------
 
@@ -320,15 +339,3 @@ def _casefold_lookup(folder: Path, name: str) -> Path | None:
         if child.name.casefold() == wanted:
             return child
     return None
-
-
-def summarize_report(report: dict[str, Any], path: Path | None = None) -> str:
-    """One console line: written and skipped videos per split, and where the report is."""
-    parts = []
-    for split_name, facts in report["splits"].items():
-        parts.append(f"{split_name} {facts['written']}/{facts['listed']} videos")
-    skipped = sum(len(facts["skipped"]) for facts in report["splits"].values())
-    line = f"{report['dataset']}: " + ", ".join(parts) + f"; {skipped} skipped"
-    if path is not None:
-        line += f" (report: {path})"
-    return line

@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 from tfds_builders import video_frames
-from vcp_jax.data import splits as splits_lib
+
+_INSTRUCTIONS = """\
+Download from https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/ the
+archives hmdb51_org.rar (2 GB) and test_train_splits.rar into one folder, and pass that folder as
+--manual_dir. Leave them packed (they are extracted under <data_dir>/downloads/manual_extracted,
+resumably, and left intact) or unpack them the usual way. Accepted layouts in --manual_dir:
+  videos, one of
+    hmdb51_org.rar                       as downloaded: 51 <class>.rar inside
+    brush_hair.rar, ..., wave.rar        after `unrar x hmdb51_org.rar` (or in a folder of their
+                                         own): extracted automatically
+    brush_hair/<video>.avi, ...          after `for f in *.rar; do unrar x "$f"; done` as well
+    hmdb51_org/<class>/<video>.avi       the same inside a folder (mmaction2: videos/)
+  split files, one of
+    test_train_splits.rar                as downloaded
+    testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt   after `unrar x test_train_splits.rar`
+The videos are the one folder, up to 2 levels down, whose sub-folders are named as the classes of
+the split files; the split files are the one folder, up to 3 levels down, holding
+<class>_test_split<N>.txt files (so mmaction2's annotations/ works too).
+"""
 
 
 class Builder(video_frames.VideoFramesBuilder):
@@ -11,23 +29,14 @@ class Builder(video_frames.VideoFramesBuilder):
 
     LAYOUT = video_frames.DatasetLayout(
         dataset="hmdb51",
-        videos_folder="hmdb51_org",
+        title="HMDB51",
         videos_archives=("hmdb51_org.rar",),
-        videos_nested=True,
-        splits_folder=splits_lib.HMDB51_SPLITS_FOLDER,
         splits_archives=("test_train_splits.rar",),
+        splits_hint="<class>_test_split<N>.txt files",
+        instructions=_INSTRUCTIONS,
+        per_class_archives=True,
     )
-    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-    Download HMDB51 from
-    https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/
-    and place in the manual dir (--manual_dir) either the archives as distributed:
-        hmdb51_org.rar            (one .rar per class inside)
-        test_train_splits.rar
-    or their extracted folders:
-        hmdb51_org/<class>/<name>.avi
-        testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt
-    Archives are extracted automatically (resumably) under <data_dir>/downloads and left intact.
-    """
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
     def _description(self) -> str:
         return (

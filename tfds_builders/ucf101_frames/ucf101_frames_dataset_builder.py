@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorflow_datasets as tfds
 
 from tfds_builders import video_frames
 from vcp_jax.data import splits as splits_lib
-from vcp_jax.data import video as video_lib
+
+if TYPE_CHECKING:
+    from vcp_jax.data import video as video_lib
+
+_INSTRUCTIONS = """\
+Download from https://www.crcv.ucf.edu/data/UCF101.php the archives UCF101.rar (6.5 GB) and
+UCF101TrainTestSplits-RecognitionTask.zip into one folder, and pass that folder as --manual_dir.
+Leave them packed (they are extracted under <data_dir>/downloads/manual_extracted, resumably,
+and left intact) or unpack them the usual way. Accepted layouts in --manual_dir:
+  videos, one of
+    UCF101.rar                                as downloaded
+    UCF-101/<Class>/v_<Class>_gXX_cYY.avi     after `unrar x UCF101.rar`
+    UCF101/UCF-101/<Class>/...                unpacked into a folder of its own
+    UCF101/<Class>/..., videos/<Class>/...    renamed (mmaction2 renames it videos/)
+    <Class>/v_<Class>_gXX_cYY.avi             the class folders in --manual_dir itself
+  split files, one of
+    UCF101TrainTestSplits-RecognitionTask.zip   as downloaded
+    ucfTrainTestlist/classInd.txt, trainlist01.txt ... testlist03.txt   after `unzip`
+The videos are the one folder, up to 2 levels down, whose sub-folders are named as the classes of
+classInd.txt; the split files are the one folder, up to 3 levels down, holding classInd.txt (so
+mmaction2's annotations/ works too).
+"""
 
 
 class Builder(video_frames.VideoFramesBuilder):
@@ -16,25 +37,16 @@ class Builder(video_frames.VideoFramesBuilder):
 
     LAYOUT = video_frames.DatasetLayout(
         dataset="ucf101",
-        videos_folder="UCF101",
+        title="UCF101",
         videos_archives=("UCF101.rar",),
-        videos_nested=False,
-        splits_folder=splits_lib.UCF101_SPLITS_FOLDER,
         splits_archives=(
             "UCF101TrainTestSplits-RecognitionTask.zip",
             "ucfTrainTestlist.zip",
         ),
+        splits_hint="classInd.txt",
+        instructions=_INSTRUCTIONS,
     )
-    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-    Download UCF101 from https://www.crcv.ucf.edu/data/UCF101.php and place in the manual dir
-    (--manual_dir) either the archives as distributed:
-        UCF101.rar
-        UCF101TrainTestSplits-RecognitionTask.zip
-    or their extracted folders:
-        UCF101/<Class>/v_<Class>_gXX_cYY.avi
-        ucfTrainTestlist/{classInd,trainlist01,testlist01,...}.txt
-    Archives are extracted automatically (resumably) under <data_dir>/downloads and left intact.
-    """
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
     def _description(self) -> str:
         return (

@@ -1,8 +1,7 @@
 """Resumable, safe extraction of the UCF101 / HMDB51 archives (zip and RAR).
 
-The dataset builders take a "manual dir" holding either the archives as distributed or folders
-the user already extracted. :func:`find_or_extract` is what they call; :func:`extract` does the
-work. Both guarantee that:
+The dataset builders (``tfds_builders/layouts.py``) find the archives in the user's manual dir
+and call :func:`extract`, which guarantees that:
 
 * the archives are only read, never modified or deleted (the manual dir may be read-only);
 * every file is written under a temporary name and renamed into place when complete, so a file
@@ -16,12 +15,11 @@ work. Both guarantee that:
 The format is detected from the magic bytes, not the file name. RAR (4.x and 5) is decoded with
 the UnRAR library through unrar-cffi, zip with :mod:`zipfile`.
 
-Typical use in a builder::
+Typical use::
 
-    videos = find_or_extract(manual_dir, extract_root, folder="UCF101", archives=["UCF101.rar"])
-    hmdb = find_or_extract(
-        manual_dir, extract_root, folder="hmdb51_org", archives=["hmdb51_org.rar"], nested=True
-    )  # -> extract_root/hmdb51_org/<class>/<video>.avi
+    if not is_extracted(archive, dest):
+        check_contents(member_names(archive))  # before writing gigabytes
+        extract(archive, dest, nested=True)  # hmdb51_org.rar: dest/<class>/<video>.avi
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ try:
 except ImportError:  # not POSIX
     fcntl = None
 
-__all__ = ["ArchiveError", "extract", "find_or_extract"]
+__all__ = ["ArchiveError", "describe_top_level", "extract", "is_extracted", "member_names"]
 
 Format = Literal["zip", "rar"]
 
@@ -111,86 +109,37 @@ def extract(archive: Path, dest: Path, *, nested: bool = False, progress: bool =
     return dest
 
 
-def find_or_extract(
-    manual_dir: Path,
-    extract_root: Path,
-    *,
-    folder: str,
-    archives: Sequence[str],
-    nested: bool = False,
-) -> Path:
-    """The folder ``folder`` of a dataset: found already extracted, or extracted from an archive.
+def is_extracted(archive: Path, dest: Path) -> bool:
+    """Whether ``archive`` was completely extracted into ``dest`` by :func:`extract`.
 
-    In order:
+    While the archive exists, its completion marker in ``dest`` must match its size and mtime
+    (a re-downloaded archive counts as not extracted). Once the user deleted the archive, the
+    marker alone vouches for the extraction, so a later build can still use the extracted copy.
+    """
+    archive, dest = Path(archive), Path(dest)
+    marker = dest / _marker_name(archive.name)
+    if archive.is_file():
+        return _read_text(marker) == _fingerprint(archive)
+    return marker.is_file()
 
-    1. ``manual_dir/folder`` is a directory (the user extracted it): return it.
-    2. One of ``archives`` (file names, first found wins) is in ``manual_dir``: extract it
-       resumably (see :func:`extract`) and return ``extract_root/folder``. An archive whose
-       top level holds the folder ``folder`` (``UCF101.rar`` holds ``UCF101/``) is extracted into
-       ``extract_root``; one with no folder at its top level (``hmdb51_org.rar`` holds loose
-       per-class ``.rar`` files) is extracted into ``extract_root/folder``, as "extract to
-       folder" would. Any other layout raises :class:`ArchiveError` listing the archive's top
-       level, before anything is extracted.
-    3. The archive was removed after a completed extraction into ``extract_root``: return the
-       extracted folder.
 
-    Args:
-        manual_dir: the folder the user put the downloads in; only read.
-        extract_root: where archives are extracted; must be writable.
-        folder: the name of the dataset's folder, e.g. ``"UCF101"``.
-        archives: the names of the archives that hold it, e.g. ``["UCF101.rar"]``.
-        nested: extract archives inside the archive too (HMDB51); see :func:`extract`.
+def member_names(archive: Path) -> list[str]:
+    """The names of the files in ``archive`` (``/`` separators, folders left out), headers only.
+
+    Lets a caller check what an archive holds before extracting gigabytes of it.
 
     Raises:
-        FileNotFoundError: neither the folder nor any of the archives is in ``manual_dir``.
-        ArchiveError: the archive is corrupt or does not hold ``folder``.
+        ArchiveError: unknown format, corrupt or truncated archive.
     """
-    manual_dir, extract_root = Path(manual_dir), Path(extract_root)
-    candidate = manual_dir / folder
-    # When extract_root is manual_dir, an interrupted extraction of ours leaves a partial folder
-    # there; it must not be mistaken for one the user extracted.
-    if candidate.is_dir() and not _unfinished(candidate, archives):
-        return candidate
+    archive = Path(archive)
+    members = _list_members(archive, _detect_format(archive))
+    return [m.name.replace("\\", "/") for m in members if not m.is_dir]
 
-    for name in archives:
-        archive = manual_dir / name
-        if not archive.is_file():
-            continue
-        for dest in (extract_root, extract_root / folder):
-            # Extracted before: skip listing the archive again.
-            if _read_text(dest / _marker_name(name)) == _fingerprint(archive):
-                if (extract_root / folder).is_dir():
-                    return extract_root / folder
-        members = _list_members(archive, _detect_format(archive))
-        top = _top_level(members)
-        if top.get(folder) is True:
-            dest = extract_root
-        elif not any(top.values()):
-            dest = extract_root / folder
-        else:
-            raise ArchiveError(
-                f"{archive} does not hold the folder {folder!r} at its top level; "
-                f"it holds: {_describe(top)}"
-            )
-        extract(archive, dest, nested=nested)
-        result = extract_root / folder
-        if not result.is_dir():  # e.g. an archive with no members at all
-            raise ArchiveError(
-                f"extracting {archive} into {dest} did not produce {result}; "
-                f"the archive holds at its top level: {_describe(top)}"
-            )
-        return result
 
-    for name in archives:
-        for dest in (extract_root, extract_root / folder):
-            if (dest / _marker_name(name)).is_file() and (extract_root / folder).is_dir():
-                return extract_root / folder
-
-    expected = " or ".join([str(manual_dir / folder), *(str(manual_dir / a) for a in archives)])
-    raise FileNotFoundError(
-        f"found neither the extracted folder {folder!r} nor the archive "
-        f"{' / '.join(archives)} in {manual_dir}: expected {expected}"
-    )
+def describe_top_level(names: Sequence[str], limit: int = 20) -> str:
+    """``"UCF-101/, readme.txt"``: the top level of an archive's member names, for messages."""
+    members = [_Member(name, 0, 0, 0, False) for name in names]
+    return _describe(_top_level(members), limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,8 +295,7 @@ def _read_text(path: Path) -> str | None:
 @contextlib.contextmanager
 def _locked(dest: Path, archive_name: str) -> Iterator[None]:
     """Hold an exclusive lock so that two processes never extract the same archive into ``dest``
-    at once (they would write the same temporary files). The lock file stays: it also tells
-    :func:`find_or_extract` that an extraction into ``dest`` started, finished or not."""
+    at once (they would write the same temporary files). The lock file stays behind."""
     with open(dest / _lock_name(archive_name), "a") as lock:
         if fcntl is None:  # not POSIX: no locking
             yield
@@ -357,15 +305,6 @@ def _locked(dest: Path, archive_name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _unfinished(folder: Path, archives: Sequence[str]) -> bool:
-    """Whether ``folder`` is (or lies in) the destination of a started, unfinished extraction."""
-    return any(
-        (d / _lock_name(a)).exists() and not (d / _marker_name(a)).exists()
-        for a in archives
-        for d in (folder, folder.parent)
-    )
 
 
 def _target(dest: Path, member: _Member, archive: Path) -> Path:
