@@ -390,6 +390,15 @@ def test_both_datasets_in_one_download_folder(data: Data, tmp_path: Path) -> Non
     assert not (tmp_path / "x").exists()  # the folders were used: nothing extracted
 
 
+def test_missing_videos_are_announced(data: Data, tmp_path: Path) -> None:
+    manual = tmp_path / "manual"
+    ucf_unrar_x(manual, data)
+    next(manual.glob("UCF-101/Basketball/*.avi")).unlink()
+    located = layouts.locate(build_cli.BUILDERS["ucf101_frames"].LAYOUT, manual, tmp_path / "x")
+    assert (located.videos_found, located.videos_listed, located.class_folders) == (2, 3, 2)
+    assert f"  missing      1 listed videos are not in {manual / 'UCF-101'}" in located.describe()
+
+
 def test_several_split_folders_are_listed(
     data: Data, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
