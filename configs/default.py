@@ -11,7 +11,11 @@ from vcp_jax import cloze
 
 def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.task = "pretrain"  # the stage main.py runs: pretrain, finetune, retrieval, probe, demo
     config.seed = 0
+    # A workdir (or its checkpoints/ or one step folder) whose backbone starts this run; its
+    # best-validation-loss checkpoint, else the latest. Unused when the run resumes its own.
+    config.init_from = ml_collections.config_dict.placeholder(str)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "ucf101_frames"  # built with `python -m tfds_builders.build`
@@ -29,6 +33,10 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     config.model.arch = arch  # 'c3d', 'r3d' or 'r21d'
     config.model.width = 64  # the paper's backbones; smaller only for CPU demos and tests
     config.model.dtype = "float32"  # or 'bfloat16' (params and BN statistics stay float32)
+    # BatchNorm statistics of the VCP model in training: 'per_clip' as the reference code (each
+    # clip position normalised over its own B clips, running statistics updated once per
+    # position), or 'pooled' over all 3B clips (a deviation; see docs/fidelity.md).
+    config.model.bn_stats = "per_clip"
     # 3D convs: 'auto' runs them as 2D convs + a temporal sum on CPU (3x faster there) and as
     # XLA's native 3D convs on GPU/TPU; 'native' or 'conv2d' force one (same parameters).
     config.model.conv_impl = "auto"
@@ -55,5 +63,4 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # plus the best-validation-loss one
 
     config.parallel = "jit"  # or 'pmap'
-    config.distributed = False  # True on TPU pods / multi-node GPU: jax.distributed.initialize()
     return config

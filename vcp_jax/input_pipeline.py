@@ -1,96 +1,85 @@
 """Input pipelines: grain over `tfds.data_source`, TensorFlow-free.
 
-A pretraining element is one VCP tuple sampled from one video: 3 context clips (3, T, H, W, C)
-and, where the video has room, a remote clip, all uint8 with their own random crop. Only the JPEG
-frames a tuple needs are decoded, into preallocated arrays. The cloze itself (which option fills
-the blank) is drawn on the device, inside the jitted train step (`vcp_jax.cloze`).
+Elements, all uint8 `(..., T, H, W, C)` with their own crop, decoding only the JPEG frames they
+need into preallocated arrays:
 
-Determinism: training tuples are drawn from (seed, position in the stream) by grain, so a run that
-restarts at step k sees exactly the batches an uninterrupted run sees; validation tuples use
-seed = example index (SPEC 1), so VCP accuracy is reproducible and does not depend on the batch
-size or the number of hosts.
+- a pretraining **tuple** (`sample_tuple`): 3 context clips and, where the video has room, a
+  remote clip; the cloze (which option fills the blank) is drawn on the device, in the step;
+- a fine-tuning **clip** (`sample_clip`): one random clip of a video, random crop;
+- the **test clips** of a video (`sample_multi_clips`): `num_clips` clips evenly spread over the
+  video (centres `linspace(T/2, L - T/2, num_clips)`), centre crop; for the 10-clip test and
+  retrieval.
+
+Streams are defined by global positions, not by hosts: training element `g` of the global stream
+is sampled with a generator seeded by (seed, g), and global batch `k` is elements
+`[k * B, (k + 1) * B)`, of which host `p` reads (and decodes) only its slice
+`[k * B + p * b, k * B + (p + 1) * b)`. So 1 host and 4 hosts train on the same batches, and a run
+that restarts at step `s` simply starts the stream at batch `s` (no iterator state to save).
+Evaluation sets are padded to whole global batches with copies marked `valid=False`, so every
+host runs the same number of steps and every video counts once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-from collections.abc import Sequence
-from pathlib import Path
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 import simplejpeg
-import tensorflow_datasets as tfds
 
-import tfds_builders  # noqa: F401 - registers ucf101_frames / hmdb51_frames
 from vcp_jax import cloze as cloze_lib
+from vcp_jax.config_utils import UserError
 
 Batch = dict[str, np.ndarray]
-_LENGTHS_FILE = "num_frames_{split}.json"
+Sampler = Callable[[int, np.random.Generator], Batch]
 
 
 # --------------------------------------------------------------------------------------------
-# Data sources and the held-out validation videos
+# Decoding and cropping
 # --------------------------------------------------------------------------------------------
 
 
-def data_source(data: ml_collections.ConfigDict, split: str) -> Any:
-    """The random-access `tfds.data_source` of `data.name/data.config`, with a clear error."""
-    data_dir = str(Path(data.data_dir).expanduser())
-    name = f"{data.name}/{data.config}"
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir)
-    except Exception as e:  # TFDS raises several types for a dataset that is not built
-        raise FileNotFoundError(
-            f"dataset {name} (split {split!r}) is not built in {data_dir}: {e}\n"
-            f"Build it with: python -m tfds_builders.build {data.name} "
-            f"--manual_dir=<videos> --data_dir={data_dir} --config={data.config}"
-        ) from e
+def frame_size(frames: Sequence[bytes]) -> tuple[int, int]:
+    height, width = simplejpeg.decode_jpeg_header(frames[0])[:2]
+    return int(height), int(width)
 
 
-def video_lengths(source: Any, split: str) -> np.ndarray:
-    """Decoded frame counts of every example, cached beside the dataset after the first pass."""
-    cache = None
-    data_dir = getattr(getattr(source, "dataset_info", None), "data_dir", None)
-    if data_dir:
-        cache = Path(data_dir) / _LENGTHS_FILE.format(split=split)
-        if cache.is_file():
-            lengths = np.asarray(json.loads(cache.read_text()), np.int64)
-            if len(lengths) == len(source):
-                return lengths
-    lengths = np.asarray([int(source[i]["num_frames"]) for i in range(len(source))], np.int64)
-    if cache is not None:
-        try:
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(lengths.tolist()))
-            tmp.replace(cache)
-        except OSError:  # a read-only dataset folder just means no cache
-            pass
-    return lengths
+def _decode_clip(
+    frames: Sequence[bytes], first: int, clip_len: int, y: int, x: int, size: int,
+    out: np.ndarray,
+) -> None:
+    """Decodes `clip_len` frames from `first` and writes their (y, x) crop into `out` (T,h,w,C).
 
-
-def holdout_split(
-    num_videos: int, num_holdout: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices): a fixed random subset of the train split held out.
-
-    SPEC 3 holds 800 UCF101 train videos out for validation; the subset depends only on `seed`
-    and the number of videos, so every run and every host agrees on it.
+    Frame indices past the end of the video repeat its last frame (videos shorter than a clip).
     """
-    if not 0 <= num_holdout < num_videos:
-        raise ValueError(
-            f"data.num_val_videos must be in [0, {num_videos}) for this split, got {num_holdout}"
-        )
-    order = np.random.default_rng(seed).permutation(num_videos)
-    return np.sort(order[num_holdout:]), np.sort(order[:num_holdout])
+    last = len(frames) - 1
+    for t in range(clip_len):
+        image = simplejpeg.decode_jpeg(frames[min(first + t, last)], colorspace="RGB")
+        out[t] = image[y : y + size, x : x + size]
+
+
+def random_crop(rng: np.random.Generator, height: int, width: int, size: int) -> tuple[int, int]:
+    _check_crop(height, width, size)
+    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+
+
+def center_crop(height: int, width: int, size: int) -> tuple[int, int]:
+    _check_crop(height, width, size)
+    return (height - size) // 2, (width - size) // 2
+
+
+def _check_crop(height: int, width: int, size: int) -> None:
+    if height < size or width < size:
+        raise UserError(f"config.data.crop_size={size} is larger than the frames "
+                        f"({height}x{width})")
 
 
 # --------------------------------------------------------------------------------------------
-# Tuple sampling (one video -> context clips + remote clip)
+# Pretraining tuples
 # --------------------------------------------------------------------------------------------
 
 
@@ -123,7 +112,7 @@ def remote_ranges(num_frames: int, start: int, spec: TupleSpec) -> list[tuple[in
     """Inclusive ranges of remote-clip starts at least `remote_gap` frames outside the tuple.
 
     Before the tuple: the clip must end `remote_gap` frames before it starts; after: it must start
-    `remote_gap` frames after the tuple ends. Either side may be empty (SPEC 1).
+    `remote_gap` frames after the tuple ends. Either side may be empty.
     """
     ranges = []
     before_last = start - spec.remote_gap - spec.clip_len
@@ -135,47 +124,30 @@ def remote_ranges(num_frames: int, start: int, spec: TupleSpec) -> list[tuple[in
     return ranges
 
 
-def _decode_clip(
-    frames: Sequence[bytes], first: int, spec: TupleSpec, y: int, x: int, out: np.ndarray
-) -> None:
-    """Decodes frames[first:first+clip_len] and writes their (y, x) crop into `out` (T,h,w,C)."""
-    size = spec.crop_size
-    for t in range(spec.clip_len):
-        image = simplejpeg.decode_jpeg(frames[first + t], colorspace="RGB")
-        out[t] = image[y : y + size, x : x + size]
-
-
-def _random_crop(rng: np.random.Generator, height: int, width: int, size: int) -> tuple[int, int]:
-    if height < size or width < size:
-        raise ValueError(f"data.crop_size={size} is larger than the frames ({height}x{width})")
-    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-
-
 def sample_tuple(example: dict[str, Any], rng: np.random.Generator, spec: TupleSpec) -> Batch:
     """One pretraining element from one video example (its `frames` are JPEG bytes).
 
     Returns `clips` (3, T, S, S, C) uint8, `remote` (T, S, S, C) uint8 (zeros without room),
-    `has_remote` bool, `label` (the action class, unused by VCP), `num_frames`.
+    `has_remote` bool, `label` (the action class, unused by VCP).
     """
     frames = example["frames"]
     num_frames = len(frames)
     if num_frames < spec.span:
         raise ValueError(f"video with {num_frames} frames is shorter than a tuple ({spec.span})")
-    first = simplejpeg.decode_jpeg_header(frames[0])
-    height, width = first[0], first[1]
-    size = spec.crop_size
+    height, width = frame_size(frames)
+    size, clip_len = spec.crop_size, spec.clip_len
     start = int(rng.integers(0, num_frames - spec.span + 1))
-    clips = np.zeros((len(spec.offsets), spec.clip_len, size, size, 3), np.uint8)
+    clips = np.zeros((len(spec.offsets), clip_len, size, size, 3), np.uint8)
     for i, offset in enumerate(spec.offsets):
-        y, x = _random_crop(rng, height, width, size)
-        _decode_clip(frames, start + offset, spec, y, x, clips[i])
-    remote = np.zeros((spec.clip_len, size, size, 3), np.uint8)
+        y, x = random_crop(rng, height, width, size)
+        _decode_clip(frames, start + offset, clip_len, y, x, size, clips[i])
+    remote = np.zeros((clip_len, size, size, 3), np.uint8)
     ranges = remote_ranges(num_frames, start, spec) if spec.need_remote else []
     if ranges:
         # One side at random among those with room, then a start within it.
         low, high = ranges[int(rng.integers(0, len(ranges)))]
-        y, x = _random_crop(rng, height, width, size)
-        _decode_clip(frames, int(rng.integers(low, high + 1)), spec, y, x, remote)
+        y, x = random_crop(rng, height, width, size)
+        _decode_clip(frames, int(rng.integers(low, high + 1)), clip_len, y, x, size, remote)
     return {
         "clips": clips,
         "remote": remote,
@@ -184,100 +156,178 @@ def sample_tuple(example: dict[str, Any], rng: np.random.Generator, spec: TupleS
     }
 
 
-class _SampleTuple(grain.transforms.RandomMap):
-    """grain transform: video index -> tuple, with grain's per-element generator (training)."""
-
-    def __init__(self, source: Any, spec: TupleSpec):
-        self.source, self.spec = source, spec
-
-    def random_map(self, index: int, rng: np.random.Generator) -> Batch:
-        element = sample_tuple(self.source[int(index)], rng, self.spec)
-        element["index"] = np.int32(index)
-        return element
-
-
-class _SampleEvalTuple(grain.transforms.Map):
-    """grain transform: video index -> tuple drawn with seed = example index (evaluation)."""
-
-    def __init__(self, source: Any, spec: TupleSpec):
-        self.source, self.spec = source, spec
-
-    def map(self, index: int) -> Batch:
-        rng = np.random.default_rng(int(index))
-        element = sample_tuple(self.source[int(index)], rng, self.spec)
-        element["index"] = np.int32(index)
-        element["valid"] = np.bool_(True)
-        return element
-
-
 # --------------------------------------------------------------------------------------------
-# Pipelines
+# Fine-tuning clips and the test clips of a video
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class PretrainData:
-    """The training stream and the validation batches of one host, plus what was left out."""
+def sample_clip(
+    example: dict[str, Any], rng: np.random.Generator, clip_len: int, crop_size: int,
+    *, random_crop_: bool = True,
+) -> Batch:
+    """One clip of `clip_len` consecutive frames at a random start, random (or centre) crop.
 
-    train: grain.MapDataset  # infinite, batched; element k is the host's batch of step k
-    val: grain.MapDataset  # finite, batched, last batch padded (`valid` marks real tuples)
-    num_train_videos: int
-    num_val_videos: int
-    num_too_short: int
+    Videos shorter than a clip start at frame 0 and repeat their last frame.
+    Returns `clip` (T, S, S, C) uint8 and `label`.
+    """
+    frames = example["frames"]
+    height, width = frame_size(frames)
+    start = int(rng.integers(0, max(len(frames) - clip_len, 0) + 1))
+    y, x = (random_crop(rng, height, width, crop_size) if random_crop_
+            else center_crop(height, width, crop_size))
+    clip = np.zeros((clip_len, crop_size, crop_size, 3), np.uint8)
+    _decode_clip(frames, start, clip_len, y, x, crop_size, clip)
+    return {"clip": clip, "label": np.int32(example["label"])}
+
+
+def multi_clip_starts(num_frames: int, clip_len: int, num_clips: int) -> list[int]:
+    """Starts of the `num_clips` test clips: centres `linspace(T/2, L - T/2, n)`, start = centre - T/2.
+
+    For T = 16: centres `linspace(8, L - 8, 10)`, `start = int(centre - 8)` (the reference's
+    positions). A video shorter than a clip (L < T) gives starts clamped to 0: every clip is the
+    whole video followed by repeats of its last frame.
+    """
+    half = clip_len / 2
+    centres = np.linspace(half, num_frames - half, num_clips)
+    return [max(0, int(c - half)) for c in centres]
+
+
+def sample_multi_clips(
+    example: dict[str, Any], clip_len: int, crop_size: int, num_clips: int
+) -> Batch:
+    """The test clips of a video, centre crop: `clips` (K, T, S, S, C) uint8 and `label`."""
+    frames = example["frames"]
+    height, width = frame_size(frames)
+    y, x = center_crop(height, width, crop_size)
+    clips = np.zeros((num_clips, clip_len, crop_size, crop_size, 3), np.uint8)
+    for i, start in enumerate(multi_clip_starts(len(frames), clip_len, num_clips)):
+        _decode_clip(frames, start, clip_len, y, x, crop_size, clips[i])
+    return {"clips": clips, "label": np.int32(example["label"])}
+
+
+# --------------------------------------------------------------------------------------------
+# Host-sharded streams by global position
+# --------------------------------------------------------------------------------------------
 
 
 def host_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
-        raise ValueError(
-            f"batch_size={global_batch} must be divisible by the number of hosts ({process_count})"
+        raise UserError(
+            f"config.batch_size={global_batch} must be divisible by the number of hosts "
+            f"({process_count})"
         )
     return global_batch // process_count
 
 
-def _pad_batch(elements: Sequence[Batch], size: int) -> Batch:
-    """Stacks elements and pads to `size` with copies of the first marked `valid=False`."""
-    pads = [dict(elements[0], valid=np.bool_(False)) for _ in range(size - len(elements))]
-    return {key: np.stack([e[key] for e in (*elements, *pads)]) for key in elements[0]}
+def _global_position(i: int, global_batch: int, host_batch: int, process_index: int) -> int:
+    """Host element `i` -> its position in the global stream (host p reads slice p of a batch)."""
+    k, j = divmod(i, host_batch)
+    return k * global_batch + process_index * host_batch + j
 
 
-def pretrain_data(
-    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
-) -> PretrainData:
-    """Builds the VCP pretraining stream (train split minus held-out videos) and validation."""
-    source = data_source(config.data, "train")
-    spec = TupleSpec.from_config(config)
-    lengths = video_lengths(source, "train")
-    train_idx, val_idx = holdout_split(len(source), config.data.num_val_videos, seed=0)
-    long_enough = lengths >= spec.span
-    num_too_short = int((~long_enough).sum())
-    if num_too_short:
-        logging.info("%d of %d videos are shorter than a tuple (%d frames) and are skipped",
-                     num_too_short, len(source), spec.span)
-    train_idx = train_idx[long_enough[train_idx]]
-    val_idx = val_idx[long_enough[val_idx]]
-    if len(train_idx) == 0:
-        raise ValueError(f"no training video has the {spec.span} frames a tuple needs")
-    batch = host_batch_size(config.batch_size, process_count)
+class _LocateTrain(grain.transforms.Map):
+    """Host element `i` -> (global position g, video index of global element g)."""
 
-    # Each host reads its own shard of the videos; grain's seeded shuffle reshuffles every epoch.
-    train = (
-        grain.MapDataset.source(train_idx[process_index::process_count])
-        .shuffle(seed=config.seed)
-        .repeat()
-        .random_map(_SampleTuple(source, spec), seed=config.seed)
-        .batch(batch, drop_remainder=True)
+    def __init__(self, stream: grain.MapDataset, global_batch: int, host_batch: int,
+                 process_index: int):
+        self.stream, self.global_batch = stream, global_batch
+        self.host_batch, self.process_index = host_batch, process_index
+
+    def map(self, i: int) -> tuple[int, int]:
+        g = _global_position(int(i), self.global_batch, self.host_batch, self.process_index)
+        return g, int(self.stream[g])
+
+
+class _SampleTrain(grain.transforms.Map):
+    """(g, video) -> element, sampled with a generator seeded by (seed, g)."""
+
+    def __init__(self, sampler: Sampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+
+    def map(self, located: tuple[int, int]) -> Batch:
+        g, video = located
+        element = self.sampler(video, np.random.default_rng([self.seed, g]))
+        element["index"] = np.int32(video)
+        return element
+
+
+def train_stream(
+    indices: np.ndarray,
+    sampler: Sampler,
+    *,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """An endless, reshuffled-every-epoch stream of host batches: element k feeds step k + 1.
+
+    `sampler(video_index, rng) -> element`. Random access: `stream[k]` is the same in every run
+    and on any number of hosts (each host holding its slice of the global batch).
+    """
+    if len(indices) == 0:
+        raise UserError("no video to train on")
+    host_batch = host_batch_size(global_batch, process_count)
+    stream = grain.MapDataset.source(np.asarray(indices)).shuffle(seed=seed).repeat()
+    return (
+        grain.MapDataset.range(len(stream) // process_count)
+        .map(_LocateTrain(stream, global_batch, host_batch, process_index))
+        .map(_SampleTrain(sampler, seed))
+        .batch(host_batch, drop_remainder=True)
     )
-    val = (
-        grain.MapDataset.source(val_idx[process_index::process_count])
-        .map(_SampleEvalTuple(source, spec))
-        .batch(batch, batch_fn=lambda els: _pad_batch(els, batch))
-    )
-    return PretrainData(
-        train=train,
-        val=val,
-        num_train_videos=len(train_idx),
-        num_val_videos=len(val_idx),
-        num_too_short=num_too_short,
+
+
+class _LocateEval(grain.transforms.Map):
+    """Host element `i` -> (video index, valid): padding past the end repeats the first video."""
+
+    def __init__(self, indices: np.ndarray, global_batch: int, host_batch: int,
+                 process_index: int):
+        self.indices, self.global_batch = indices, global_batch
+        self.host_batch, self.process_index = host_batch, process_index
+
+    def map(self, i: int) -> tuple[int, bool]:
+        g = _global_position(int(i), self.global_batch, self.host_batch, self.process_index)
+        if g < len(self.indices):
+            return int(self.indices[g]), True
+        return int(self.indices[0]), False
+
+
+class _SampleEval(grain.transforms.Map):
+    """(video, valid) -> element, sampled with a generator seeded by the video's index."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def map(self, located: tuple[int, bool]) -> Batch:
+        video, valid = located
+        element = self.sampler(video, np.random.default_rng(video))
+        element["index"] = np.int32(video)
+        element["valid"] = np.bool_(valid)
+        return element
+
+
+def eval_batches(
+    indices: np.ndarray,
+    sampler: Sampler,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """The host's batches of a finite evaluation set, padded to whole global batches.
+
+    Element generators are seeded by the video index: the same elements every time, whatever the
+    batch size or number of hosts. Every host gets `ceil(N / B)` batches.
+    """
+    if len(indices) == 0:
+        return grain.MapDataset.source([])
+    host_batch = host_batch_size(global_batch, process_count)
+    num_batches = math.ceil(len(indices) / global_batch)
+    return (
+        grain.MapDataset.range(num_batches * host_batch)
+        .map(_LocateEval(np.asarray(indices), global_batch, host_batch, process_index))
+        .map(_SampleEval(sampler))
+        .batch(host_batch)
     )
 
 
@@ -285,13 +335,16 @@ def make_iterator(
     dataset: grain.MapDataset,
     config: ml_collections.ConfigDict,
     *,
+    start: int = 0,
     prefetch_processes: bool = True,
 ) -> grain.DatasetIterator:
-    """A checkpointable iterator with threaded (and optionally multi-process) prefetching.
+    """An iterator over `dataset[start:]` with threaded (and optionally multi-process) reading.
 
     JPEG decoding releases the GIL, so threads (`data.num_threads`) scale on one process;
     `data.num_workers` > 0 adds grain worker processes for hosts with many cores.
     """
+    if start:
+        dataset = dataset[start:]
     threads = max(1, config.data.num_threads)
     iter_ds = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
@@ -303,27 +356,41 @@ def make_iterator(
     return iter(iter_ds)
 
 
-def ensure_dataset(data: ml_collections.ConfigDict) -> None:
-    """Generates and builds the synthetic dataset when the config asks for one that is missing.
+# --------------------------------------------------------------------------------------------
+# Samplers over a data source (picklable, for grain worker processes)
+# --------------------------------------------------------------------------------------------
 
-    Real datasets are never downloaded (no network at run time): a missing one is an error that
-    says how to build it.
-    """
-    synthetic_config = data.get("synthetic")
-    if not synthetic_config:
-        return
-    from tfds_builders import build as build_lib  # noqa: PLC0415
-    from vcp_jax.data import synthetic  # noqa: PLC0415
 
-    data_dir = Path(data.data_dir).expanduser()
-    built = data_dir / data.name / data.config
-    if any(built.glob("*/dataset_info.json")):
-        return
-    manual_dir = Path(synthetic_config.manual_dir).expanduser()
-    print(f"generating synthetic videos in {manual_dir}, building {data.name}/{data.config}")
-    # Every other key of `data.synthetic` is an argument of `synthetic.generate`.
-    not_generate_args = ("manual_dir", "build_workers")
-    options = {k: v for k, v in synthetic_config.items() if k not in not_generate_args}
-    synthetic.generate(manual_dir, **options)
-    build_lib.build(data.name, manual_dir=manual_dir, data_dir=data_dir, config=data.config,
-                    num_workers=synthetic_config.get("build_workers"))
+class TupleSampler:
+    """video index -> pretraining tuple."""
+
+    def __init__(self, source: Any, spec: TupleSpec):
+        self.source, self.spec = source, spec
+
+    def __call__(self, video: int, rng: np.random.Generator) -> Batch:
+        return sample_tuple(self.source[video], rng, self.spec)
+
+
+class ClipSampler:
+    """video index -> one random clip (random crop for training, centre crop for validation)."""
+
+    def __init__(self, source: Any, clip_len: int, crop_size: int, *, random_crop_: bool):
+        self.source, self.clip_len, self.crop_size = source, clip_len, crop_size
+        self.random_crop = random_crop_
+
+    def __call__(self, video: int, rng: np.random.Generator) -> Batch:
+        return sample_clip(self.source[video], rng, self.clip_len, self.crop_size,
+                           random_crop_=self.random_crop)
+
+
+class MultiClipSampler:
+    """video index -> its `num_clips` test clips (deterministic; the generator is unused)."""
+
+    def __init__(self, source: Any, clip_len: int, crop_size: int, num_clips: int):
+        self.source, self.clip_len = source, clip_len
+        self.crop_size, self.num_clips = crop_size, num_clips
+
+    def __call__(self, video: int, rng: np.random.Generator) -> Batch:
+        del rng
+        return sample_multi_clips(self.source[video], self.clip_len, self.crop_size,
+                                 self.num_clips)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS_NAME = "batch"  # the pmap axis; BatchNorm and gradients are averaged over it
@@ -28,6 +29,7 @@ class Strategy(Protocol):
     def put_batch(self, batch: dict[str, np.ndarray]) -> Any: ...
     def compile(self, step: Callable[..., Any], *, donate_state: bool) -> Callable[..., Any]: ...
     def fetch(self, tree: Any) -> Any: ...
+    def gather(self, tree: Any) -> Any: ...
 
 
 class JitStrategy:
@@ -63,7 +65,14 @@ class JitStrategy:
         )
 
     def fetch(self, tree: Any) -> Any:
+        """Replicated outputs (metrics, sums) as numpy arrays."""
         return jax.tree.map(np.asarray, tree)
+
+    def gather(self, tree: Any) -> Any:
+        """Batch-sharded outputs as whole global batches on every host, in global order."""
+        if jax.process_count() == 1:
+            return jax.tree.map(np.asarray, tree)
+        return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class PmapStrategy:
@@ -81,7 +90,9 @@ class PmapStrategy:
         return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
 
     def get_state(self, state: Any) -> Any:
-        return jax.tree.map(lambda x: x[0], state)
+        # One device's copy, as host numpy arrays: on several hosts each holds the same values,
+        # and Orbax must not be handed host-local device arrays as if they were global ones.
+        return jax.tree.map(lambda x: np.asarray(x[0]), state)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
         n = len(self.local_devices)
@@ -99,6 +110,17 @@ class PmapStrategy:
     def fetch(self, tree: Any) -> Any:
         # Outputs are identical on every device (reduced over the axis): take the first.
         return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+    def gather(self, tree: Any) -> Any:
+        """Per-device outputs `(local devices, b, ...)` as whole global batches on every host.
+
+        A host's devices hold consecutive slices of its part of the global batch, and hosts hold
+        consecutive parts, so concatenating in (host, device) order restores the global order.
+        """
+        local = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), tree)
+        if jax.process_count() == 1:
+            return local
+        return multihost_utils.process_allgather(local, tiled=True)
 
 
 def make_strategy(name: str) -> JitStrategy | PmapStrategy:

@@ -1,4 +1,4 @@
-"""Training: steps, data parallelism (8 simulated devices), checkpoints and resumption."""
+"""VCP pretraining: steps, data parallelism (8 simulated devices), checkpoints, resumption."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import REPO_ROOT, tiny_config
-from vcp_jax import config_utils, input_pipeline, parallel, train
+from vcp_jax import config_utils, parallel, pretrain, trainer
 
 
 def _fixed_batch(config) -> dict[str, np.ndarray]:
-    return input_pipeline.pretrain_data(config).train[0]
+    return pretrain.pretrain_data(config).train[0]
 
 
 def test_loss_falls_on_a_fixed_batch(tiny_dataset: Path) -> None:
@@ -29,8 +29,8 @@ def test_loss_falls_on_a_fixed_batch(tiny_dataset: Path) -> None:
     config.optimizer.learning_rate = 0.05
     batch = _fixed_batch(config)
     strategy = parallel.JitStrategy()
-    state, fns = train.create_train_state(config)
-    step = strategy.compile(functools.partial(train.train_step, fns=fns), donate_state=False)
+    state, ctx = pretrain.create_train_state(config)
+    step = strategy.compile(functools.partial(pretrain.train_step, ctx=ctx), donate_state=False)
     state = strategy.put_state(state)
     losses = []
     for _ in range(12):
@@ -42,8 +42,8 @@ def test_loss_falls_on_a_fixed_batch(tiny_dataset: Path) -> None:
 
 
 def _run_steps(strategy, config, batch, num_steps=2):
-    state, fns = train.create_train_state(config, bn_axis_name=strategy.axis_name)
-    step = strategy.compile(functools.partial(train.train_step, fns=fns), donate_state=False)
+    state, ctx = pretrain.create_train_state(config, bn_axis_name=strategy.axis_name)
+    step = strategy.compile(functools.partial(pretrain.train_step, ctx=ctx), donate_state=False)
     state = strategy.put_state(state)
     losses = []
     for _ in range(num_steps):
@@ -68,12 +68,12 @@ def test_jit_pmap_and_one_device_agree(tiny_dataset: Path) -> None:
 
 def test_eval_step_counts_every_valid_tuple(tiny_dataset: Path) -> None:
     config = tiny_config(tiny_dataset)
-    data = input_pipeline.pretrain_data(config)
+    data = pretrain.pretrain_data(config)
     strategy = parallel.JitStrategy()
-    state, fns = train.create_train_state(config)
-    eval_fn = strategy.compile(functools.partial(train.eval_step, fns=fns), donate_state=False)
-    first = train.evaluate(strategy.put_state(state), data, eval_fn, strategy, config)
-    second = train.evaluate(strategy.put_state(state), data, eval_fn, strategy, config)
+    state, ctx = pretrain.create_train_state(config)
+    eval_fn = strategy.compile(functools.partial(pretrain.eval_step, ctx=ctx), donate_state=False)
+    first = pretrain.evaluate(strategy.put_state(state), data.val, eval_fn, strategy, config)
+    second = pretrain.evaluate(strategy.put_state(state), data.val, eval_fn, strategy, config)
     np.testing.assert_equal(first, second)  # deterministic held-out tuples and options
     assert first["val_tuples"] == 4
     fractions = [v for k, v in first.items() if k.startswith("val_option_fraction/")]
@@ -84,27 +84,27 @@ def test_config_errors_name_the_key(tiny_dataset: Path) -> None:
     config = tiny_config(tiny_dataset)
     config.model.arch = "r4d"
     with pytest.raises(config_utils.ConfigError, match=r"model\.arch.*'c3d', 'r3d', 'r21d'"):
-        train.validate_config(config)
+        pretrain.validate_config(config)
     config = tiny_config(tiny_dataset)
     config.parallel = "pjit"
     with pytest.raises(config_utils.ConfigError, match=r"config\.parallel.*'jit', 'pmap'"):
-        train.validate_config(config)
+        pretrain.validate_config(config)
     config = tiny_config(tiny_dataset)
     config.batch_size = 12
     with pytest.raises(config_utils.ConfigError, match="batch_size"):
-        train.validate_config(config)
+        pretrain.validate_config(config)
     config = tiny_config(tiny_dataset)
     config.cloze.options = ("original", "teleport")
     with pytest.raises(config_utils.ConfigError, match="cloze"):
-        train.validate_config(config)
+        pretrain.validate_config(config)
 
 
 def test_learning_rate_scales_with_batch(tiny_dataset: Path) -> None:
     config = tiny_config(tiny_dataset)
     config.optimizer.learning_rate, config.batch_size = 0.01, 64
-    assert train.effective_learning_rate(config) == pytest.approx(0.08)
+    assert trainer.effective_learning_rate(config) == pytest.approx(0.08)
     config.optimizer.scale_with_batch = False
-    assert train.effective_learning_rate(config) == pytest.approx(0.01)
+    assert trainer.effective_learning_rate(config) == pytest.approx(0.01)
 
 
 # --------------------------------------------------------------------------------------------

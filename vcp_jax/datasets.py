@@ -1,0 +1,182 @@
+"""Opening the built datasets (`ucf101_frames`, `hmdb51_frames`): sources, per-video facts, splits.
+
+A dataset is named by `config.data` (`name`, `config` such as `split1` or `split1_48x64`,
+`data_dir`). Reading never builds anything: a dataset that is not built is a `UserError` with the
+command that builds it. The synthetic demo dataset is the exception the config asks for
+explicitly (`data.synthetic`): `prepare()` generates its videos and builds it with the real
+builder the first time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+import tfds_builders  # noqa: F401 - registers ucf101_frames / hmdb51_frames
+from vcp_jax.config_utils import UserError
+
+_INDEX_FILE = "video_index_{split}.json"
+DATASETS = ("ucf101_frames", "hmdb51_frames")
+
+
+class DatasetNotBuiltError(UserError):
+    """The dataset a config names is not in its `data_dir`; the message says how to build it."""
+
+
+def data_dir(data: ml_collections.ConfigDict) -> Path:
+    return Path(data.data_dir).expanduser()
+
+
+def fold_of(data: ml_collections.ConfigDict) -> int:
+    """The official fold of the dataset config: `split2_64x85` -> 2."""
+    name = str(data.config)
+    if not name.startswith("split") or not name[5:6].isdigit():
+        raise UserError(f"config.data.config={name!r} names no fold (expected 'split1', ...)")
+    return int(name[5])
+
+
+def with_fold(data: ml_collections.ConfigDict, fold: int) -> str:
+    """`data.config` with its fold replaced: ('split1_48x64', 2) -> 'split2_48x64'."""
+    name = str(data.config)
+    return f"split{fold}{name[6:]}"
+
+
+def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `data.name/data.config` (reads metadata only, builds nothing)."""
+    if data.name not in DATASETS:
+        raise UserError(f"config.data.name={data.name!r} is not allowed; choose one of {DATASETS}")
+    return tfds.builder(f"{data.name}/{data.config}", data_dir=str(data_dir(data)))
+
+
+def data_source(data: ml_collections.ConfigDict, split: str) -> Any:
+    """The random-access source of one split; a `DatasetNotBuiltError` if it is not built."""
+    b = builder(data)
+    if not b.is_prepared():
+        raise DatasetNotBuiltError(
+            f"dataset {data.name}/{data.config} is not built in {data_dir(data)}. Build it with:\n"
+            f"  python -m tfds_builders.build {data.name} --manual_dir=<downloaded archives or "
+            f"videos> --data_dir={data_dir(data)} --config={data.config}"
+        )
+    return b.as_data_source(split=split)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoIndex:
+    """Per-video facts of one split, read once and cached beside the dataset."""
+
+    num_frames: np.ndarray  # (N,) int64, decoded frame counts
+    labels: np.ndarray  # (N,) int64
+    video_ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.num_frames)
+
+
+def video_index(source: Any, split: str) -> VideoIndex:
+    """Frame counts, labels and ids of every example of `source` (one pass, then cached)."""
+    cache = None
+    info_dir = getattr(getattr(source, "dataset_info", None), "data_dir", None)
+    if info_dir:
+        cache = Path(info_dir) / _INDEX_FILE.format(split=split)
+        if cache.is_file():
+            raw = json.loads(cache.read_text())
+            if len(raw["num_frames"]) == len(source):
+                return VideoIndex(np.asarray(raw["num_frames"], np.int64),
+                                  np.asarray(raw["labels"], np.int64), tuple(raw["video_ids"]))
+    logging.info("indexing %d videos of split %s (once; cached in %s)", len(source), split, cache)
+    num_frames, labels, ids = [], [], []
+    for i in range(len(source)):
+        example = source[i]
+        num_frames.append(int(example["num_frames"]))
+        labels.append(int(example["label"]))
+        video_id = example["video_id"]
+        ids.append(video_id.decode() if isinstance(video_id, bytes) else str(video_id))
+    index = VideoIndex(np.asarray(num_frames, np.int64), np.asarray(labels, np.int64), tuple(ids))
+    if cache is not None:
+        try:
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(
+                {"num_frames": num_frames, "labels": labels, "video_ids": ids}))
+            tmp.replace(cache)
+        except OSError:  # a read-only dataset folder just means no cache
+            pass
+    return index
+
+
+def class_names(source: Any) -> tuple[str, ...]:
+    return tuple(source.dataset_info.features["label"].names)
+
+
+def holdout_split(
+    num_videos: int, num_holdout: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): a fixed random subset of the train split held out.
+
+    Pretraining holds 800 UCF101 train videos out for validation, fine-tuning 800 (UCF101) or
+    400 (HMDB51). The subset depends only on `seed` and the number of videos, so every run and
+    every host agrees on it.
+    """
+    if not 0 <= num_holdout < num_videos:
+        raise UserError(
+            f"config.data.num_val_videos must be in [0, {num_videos}) for this split, "
+            f"got {num_holdout}"
+        )
+    order = np.random.default_rng(seed).permutation(num_videos)
+    return np.sort(order[num_holdout:]), np.sort(order[:num_holdout])
+
+
+def ids_hash(video_ids: Sequence[str]) -> str:
+    """A short hash of a list of video ids (order-independent): what a run saw, in 16 hex digits."""
+    digest = hashlib.sha256("\n".join(sorted(video_ids)).encode()).hexdigest()
+    return digest[:16]
+
+
+def describe(data: ml_collections.ConfigDict, split: str, index: VideoIndex,
+             indices: np.ndarray) -> dict[str, Any]:
+    """Provenance of the videos a stage used: dataset, fold, split, count and ids hash."""
+    return {
+        "dataset": f"{data.name}/{data.config}",
+        "data_dir": str(data_dir(data)),
+        "split": split,
+        "num_videos": int(len(indices)),
+        "video_ids_sha256_16": ids_hash([index.video_ids[i] for i in indices]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The synthetic dataset of the demo
+# --------------------------------------------------------------------------------------------
+
+
+def prepare(data: ml_collections.ConfigDict) -> None:
+    """Generates and builds the synthetic dataset when the config asks for one that is missing.
+
+    Real datasets are never downloaded (no network at run time): a missing one is an error, raised
+    when it is opened, that says how to build it.
+    """
+    synthetic_config = data.get("synthetic")
+    if not synthetic_config or builder(data).is_prepared():
+        return
+    from tfds_builders import build as build_lib  # noqa: PLC0415 - only to build
+    from vcp_jax.data import synthetic  # noqa: PLC0415
+
+    manual_dir = Path(synthetic_config.manual_dir).expanduser()
+    print(f"generating synthetic videos in {manual_dir}, building {data.name}/{data.config}")
+    # Every other key of `data.synthetic` is an argument of `synthetic.generate`.
+    not_generate_args = ("manual_dir", "build_workers")
+    options = {k: v for k, v in synthetic_config.items() if k not in not_generate_args}
+    try:
+        synthetic.generate(manual_dir, **options)  # skips the work when it is already there
+    except ValueError as e:  # e.g. the folder holds a synthetic dataset of other parameters
+        raise UserError(f"config.data.synthetic: {e}") from None
+    build_lib.build(data.name, manual_dir=manual_dir, data_dir=data_dir(data),
+                    config=data.config, num_workers=synthetic_config.get("build_workers"))

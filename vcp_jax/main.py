@@ -1,0 +1,114 @@
+"""The command line: `python main.py --config configs/<name>.py --workdir DIR [--config.k=v]`.
+
+Runs the stage that `config.task` names (pretrain, finetune, retrieval, probe or demo). The
+console shows progress bars, one line per evaluation and a final summary; library logs (Orbax,
+grain, absl) go to `DIR/log.txt` (`--verbosity=1` shows them on the console too). A user error
+(an unknown config key, a dataset that is not built, a missing checkpoint) ends with one message
+and exit status 2, never a traceback.
+
+Multi-host (TPU pods, GPU clusters): `--distributed` calls `jax.distributed.initialize()` before
+anything else touches JAX, with `--coordinator_address`, `--num_processes` and `--process_id` when
+they are given (auto-detected on Cloud TPU and under SLURM otherwise); see `scripts/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from vcp_jax import config_utils
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and metrics.json go.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+
+TASKS = ("pretrain", "finetune", "retrieval", "probe", "demo")
+LOG_FILE = "log.txt"
+
+
+def run_task(config: Any, workdir: str | Path) -> dict[str, Any]:
+    """Runs `config.task` in `workdir`; importable from notebooks (no flags involved)."""
+    task = config_utils.check_choice(config, "task", TASKS)
+    module = importlib.import_module(f"vcp_jax.{task}")
+    return module.run(config, workdir)
+
+
+def setup_logging(workdir: Path, verbosity: int) -> Path:
+    """Library logs to `workdir/log.txt`; the console only gets warnings unless `verbosity` > 0.
+
+    Process 0 writes `log.txt`, every other process `log.<index>.txt`.
+    """
+    import jax  # noqa: PLC0415 - after jax.distributed.initialize()
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    index = jax.process_index()
+    path = workdir / (LOG_FILE if index == 0 else f"log.{index}.txt")
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(absl_logging.PythonFormatter())
+    file_handler.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(file_handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    console_level = logging.WARNING if verbosity <= 0 else logging.INFO
+    absl_logging.get_absl_handler().setLevel(console_level)
+    # Python warnings (deprecations from libraries) go to the log file, not the console.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").propagate = False
+    logging.getLogger("py.warnings").addHandler(file_handler)
+    return path
+
+
+def initialize_distributed() -> None:
+    import jax  # noqa: PLC0415
+
+    kwargs = {}
+    if FLAGS.coordinator_address:
+        kwargs["coordinator_address"] = FLAGS.coordinator_address
+    if FLAGS.num_processes is not None:
+        kwargs["num_processes"] = FLAGS.num_processes
+    if FLAGS.process_id is not None:
+        kwargs["process_id"] = FLAGS.process_id
+    jax.distributed.initialize(**kwargs)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        initialize_distributed()
+    workdir = Path(FLAGS.workdir).expanduser()
+    setup_logging(workdir, FLAGS.verbosity)
+    try:
+        run_task(FLAGS.config, workdir)
+    except config_utils.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an unknown `--config.key` named together with its near misses."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is absent
+        message = config_utils.unknown_override_message(argv, e)
+    sys.stderr.write(f"error: {message}\nPass --helpshort or --helpfull to see the flags.\n")
+    sys.exit(2)
+
+
+def run() -> None:
+    """The entry point (`main.py` and the installed `vcp-jax` command)."""
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,355 @@
+"""The VCP task: pretraining, and the probe (the same task on a frozen backbone).
+
+`train_step(state, batch, ctx) -> (state, metrics)` draws the cloze on the device (each tuple's
+key is folded from the step and its position in the global batch, so every parallel strategy
+draws the same options), runs the backbone on the 3 clips and takes an SGD step. `eval_step`
+draws the held-out tuples' options from their example indices, so VCP accuracy is reproducible.
+
+    python main.py --config configs/pretrain_r3d.py --workdir ~/runs/vcp_r3d
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from vcp_jax import (
+    checkpointing,
+    cloze,
+    config_utils,
+    datasets,
+    input_pipeline,
+    models,
+    parallel,
+    provenance,
+    reporting,
+    trainer,
+)
+
+EVAL_CLOZE_SEED = 0  # the validation cloze keys are fold_in(PRNGKey(0), example index)
+
+
+# --------------------------------------------------------------------------------------------
+# Config and model
+# --------------------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` naming the key and the allowed values for anything not allowed."""
+    trainer.validate_config(config)
+    config_utils.check_choice(config, "model.bn_stats", models.BN_STATS)
+    try:
+        cloze.validate_config(config.cloze)
+    except ValueError as e:
+        raise config_utils.ConfigError(f"config.cloze: {e}") from None
+
+
+def create_model(
+    config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, bn_axis_name: str | None = None
+) -> models.VCPModel:
+    """Backbone + VCP head as the config says."""
+    dtype = trainer.DTYPES[config.model.dtype]
+    backbone = models.create_backbone(
+        config.model.arch, rngs=rngs, width=config.model.width, dtype=dtype,
+        bn_axis_name=bn_axis_name, conv_impl=config.model.conv_impl,
+    )
+    return models.VCPModel(
+        backbone, num_clips=config.cloze.num_clips, num_classes=cloze.num_classes(config.cloze),
+        rngs=rngs, dtype=dtype, bn_stats=config.model.bn_stats,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The VCP task's static settings, closed over by the steps."""
+
+    cloze_config: ml_collections.ConfigDict
+    num_classes: int
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    *,
+    bn_axis_name: str | None = None,
+    frozen_backbone: bool = False,
+) -> tuple[trainer.TrainState, trainer.StepContext]:
+    """A fresh state (PyTorch-style init from `config.seed`) and the step context."""
+    model = create_model(config, rngs=nnx.Rngs(params=config.seed), bn_axis_name=bn_axis_name)
+    task = Task(config.cloze, cloze.num_classes(config.cloze))
+    return trainer.create_train_state(
+        model, config, axis_name=bn_axis_name, task=task,
+        frozen=trainer.path_has(checkpointing.BACKBONE) if frozen_backbone else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def cloze_per_sample(
+    keys: jax.Array, batch: dict[str, jax.Array], config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array]:
+    """`make_cloze` with one key per tuple, so a tuple's option does not depend on its batch."""
+
+    def one(key: jax.Array, clips: jax.Array, remote: jax.Array, has_remote: jax.Array):
+        tuples, labels = cloze.make_cloze(key, clips[None], remote[None], has_remote[None], config)
+        return tuples[0], labels[0]
+
+    return jax.vmap(one)(keys, batch["clips"], batch["remote"], batch["has_remote"])
+
+
+def to_input(frames: jax.Array) -> jax.Array:
+    """uint8 frames to [0, 1] on the device (the host ships 4x fewer bytes than float32)."""
+    return frames.astype(jnp.float32) / 255.0
+
+
+def train_step(
+    state: trainer.TrainState, batch: dict[str, jax.Array], ctx: trainer.StepContext
+) -> tuple[trainer.TrainState, dict[str, jax.Array]]:
+    """One SGD step on a batch of tuples: cloze on device, forward, backward, update."""
+    keys = trainer.example_keys(state.rng, state.step, batch["clips"].shape[0], ctx.axis_name)
+    tuples, labels = cloze_per_sample(keys, batch, ctx.task.cloze_config)
+    inputs = to_input(tuples)
+
+    def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+        logits = model(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    state, loss, logits = trainer.update(state, ctx, loss_fn)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return state, trainer.reduce_metrics({"loss": loss, "accuracy": accuracy}, ctx)
+
+
+def eval_step(
+    state: trainer.TrainState, batch: dict[str, jax.Array], ctx: trainer.StepContext
+) -> dict[str, jax.Array]:
+    """Sums over the valid tuples of a batch: loss, correct, per-option counts, confusion."""
+    base = jax.random.PRNGKey(EVAL_CLOZE_SEED)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(batch["index"])
+    tuples, labels = cloze_per_sample(keys, batch, ctx.task.cloze_config)
+    logits = trainer.eval_model(state, ctx)(to_input(tuples))
+    valid = batch["valid"].astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    predicted = jnp.argmax(logits, -1)
+    correct = (predicted == labels).astype(jnp.float32) * valid
+    truth = jax.nn.one_hot(labels, ctx.task.num_classes) * valid[:, None]
+    sums = {
+        "loss": jnp.sum(loss * valid),
+        "correct": jnp.sum(correct),
+        "count": jnp.sum(valid),
+        "has_remote": jnp.sum(batch["has_remote"].astype(jnp.float32) * valid),
+        "option_correct": jnp.sum(truth * correct[:, None], axis=0),
+        "option_count": jnp.sum(truth, axis=0),
+        # confusion[true, predicted]
+        "confusion": truth.T @ jax.nn.one_hot(predicted, ctx.task.num_classes),
+    }
+    return trainer.sum_metrics(sums, ctx)
+
+
+def summarize_eval(
+    sums: dict[str, np.ndarray] | None, class_names: tuple[str, ...], prefix: str = "val"
+) -> dict[str, Any]:
+    """Mean loss, VCP accuracy, per-option accuracy, the option histogram and the confusion."""
+    if sums is None:
+        return {}
+    count = max(float(sums["count"]), 1.0)
+    metrics: dict[str, Any] = {
+        f"{prefix}_loss": float(sums["loss"]) / count,
+        f"{prefix}_vcp_accuracy": float(sums["correct"]) / count,
+        f"{prefix}_tuples": int(sums["count"]),
+        f"{prefix}_has_remote_fraction": float(sums["has_remote"]) / count,
+    }
+    for name, correct, total in zip(
+        class_names, sums["option_correct"], sums["option_count"], strict=True
+    ):
+        total = float(total)
+        metrics[f"{prefix}_accuracy/{name}"] = float(correct) / total if total else float("nan")
+        metrics[f"{prefix}_option_fraction/{name}"] = total / count
+    metrics[f"{prefix}_confusion"] = np.asarray(sums["confusion"]).astype(int).tolist()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PretrainData:
+    """The training stream and the evaluation batches of one host, plus what was left out."""
+
+    train: Any  # grain.MapDataset, endless; element k is the host's batch of step k + 1
+    val: Any  # grain.MapDataset, finite; batches padded (`valid` marks real tuples)
+    test: Any | None  # the test split's tuples (the probe's report), or None
+    num_train_videos: int
+    num_val_videos: int
+    num_test_videos: int
+    num_too_short: int
+    provenance: dict[str, Any]
+
+
+def pretrain_data(
+    config: ml_collections.ConfigDict,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    with_test: bool = False,
+) -> PretrainData:
+    """The VCP stream (train split minus held-out videos), validation and optional test tuples.
+
+    Videos shorter than a tuple (64 frames at the paper's settings) are skipped and counted.
+    """
+    source = datasets.data_source(config.data, "train")
+    index = datasets.video_index(source, "train")
+    spec = input_pipeline.TupleSpec.from_config(config)
+    train_idx, val_idx = datasets.holdout_split(len(index), config.data.num_val_videos, seed=0)
+    long_enough = index.num_frames >= spec.span
+    num_too_short = int((~long_enough).sum())
+    train_idx = train_idx[long_enough[train_idx]]
+    val_idx = val_idx[long_enough[val_idx]]
+    if len(train_idx) == 0:
+        raise config_utils.UserError(
+            f"no training video of {config.data.name}/{config.data.config} has the {spec.span} "
+            f"frames a tuple needs")
+    shard = dict(process_index=process_index, process_count=process_count)
+    sampler = input_pipeline.TupleSampler(source, spec)
+    train = input_pipeline.train_stream(train_idx, sampler, global_batch=config.batch_size,
+                                        seed=config.seed, **shard)
+    val = input_pipeline.eval_batches(val_idx, sampler, global_batch=config.batch_size, **shard)
+    described = {"train": datasets.describe(config.data, "train", index, train_idx),
+                 "validation": datasets.describe(config.data, "train (held out)", index, val_idx)}
+    test, num_test = None, 0
+    if with_test:
+        test_source = datasets.data_source(config.data, "test")
+        test_index = datasets.video_index(test_source, "test")
+        test_idx = np.flatnonzero(test_index.num_frames >= spec.span)
+        num_too_short += len(test_index) - len(test_idx)
+        test = input_pipeline.eval_batches(
+            test_idx, input_pipeline.TupleSampler(test_source, spec),
+            global_batch=config.batch_size, **shard)
+        num_test = len(test_idx)
+        described["test"] = datasets.describe(config.data, "test", test_index, test_idx)
+    return PretrainData(train, val, test, len(train_idx), len(val_idx), num_test,
+                        num_too_short, described)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    state: Any, batches: Any, eval_fn: Any, strategy: parallel.Strategy,
+    config: ml_collections.ConfigDict, prefix: str = "val",
+) -> dict[str, Any]:
+    """VCP loss and accuracy on every tuple of `batches` (deterministic tuples and options)."""
+    iterator = input_pipeline.make_iterator(batches, config, prefetch_processes=False)
+    sums = trainer.accumulate(state, iterator, eval_fn, strategy)
+    return summarize_eval(sums, cloze.class_names(config.cloze), prefix)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """VCP pretraining (`config.task='pretrain'`); resumes from the last checkpoint in `workdir`."""
+    return train_vcp(config, Path(workdir), frozen_backbone=False)
+
+
+def train_vcp(
+    config: ml_collections.ConfigDict, workdir: Path, *, frozen_backbone: bool
+) -> dict[str, Any]:
+    """Trains the VCP model (the probe: only its head) and writes `metrics.json`.
+
+    With `frozen_backbone` (the probe) the backbone comes from `init_from` (or stays random),
+    never trains, and the final report is on the test split's tuples, from the checkpoint with
+    the lowest validation loss.
+    """
+    workdir = Path(workdir).expanduser()
+    config = copy.deepcopy(config)  # filled in below (arch and width from init_from)
+    source = trainer.resolve_init(config, workdir)
+    validate_config(config)
+    if frozen_backbone and source is not None:
+        trainer.check_fold(source, config.data)
+    datasets.prepare(config.data)
+    data = pretrain_data(config, process_index=jax.process_index(),
+                         process_count=jax.process_count(), with_test=frozen_backbone)
+    what = "VCP probe" if frozen_backbone else "VCP pretraining"
+    reporting.console(
+        f"{what}: {config.model.arch} (width {config.model.width}) on "
+        f"{data.num_train_videos} videos of {config.data.name}/{config.data.config}, "
+        f"validating on {data.num_val_videos}"
+        + (f", testing on {data.num_test_videos}" if frozen_backbone else "")
+        + (f" ({data.num_too_short} too short for a tuple, skipped)" if data.num_too_short
+           else ""))
+
+    strategy = parallel.make_strategy(config.parallel)
+    state, ctx = create_train_state(config, bn_axis_name=strategy.axis_name,
+                                    frozen_backbone=frozen_backbone)
+    checkpoints = checkpointing.RunCheckpoints(workdir / checkpointing.CHECKPOINTS_DIR, config)
+    state, start_step, started = trainer.init_state(state, checkpoints, source)
+    reporting.console(started)
+    provenance.write(workdir, config, data=data.provenance, init_from=source)
+
+    train_fn = strategy.compile(functools.partial(train_step, ctx=ctx), donate_state=True)
+    eval_fn = strategy.compile(functools.partial(eval_step, ctx=ctx), donate_state=False)
+    writer = reporting.metric_writer(workdir)
+    result = trainer.train_loop(
+        config=config,
+        state=strategy.put_state(state),
+        train_fn=train_fn,
+        train_iter=input_pipeline.make_iterator(data.train, config, start=start_step),
+        evaluate=lambda s: evaluate(s, data.val, eval_fn, strategy, config),
+        strategy=strategy,
+        checkpoints=checkpoints,
+        start_step=start_step,
+        writer=writer,
+        desc=what,
+        eval_line=trainer.eval_line,
+    )
+    val_metrics = result.val_metrics or evaluate(result.state, data.val, eval_fn, strategy,
+                                                 config)
+    names = cloze.class_names(config.cloze)
+    final: dict[str, Any] = {
+        "task": config.task,
+        "step": config.num_train_steps,
+        **val_metrics,
+        "best_checkpoint_step": result.best_step,
+        "num_train_videos": data.num_train_videos,
+        "num_val_videos": data.num_val_videos,
+        "num_too_short": data.num_too_short,
+        "chance_accuracy": 1.0 / ctx.task.num_classes,
+        "option_names": list(names),
+    }
+    if frozen_backbone:
+        best = result.state
+        if result.best_step is not None and result.best_step != config.num_train_steps:
+            best = strategy.put_state(checkpoints.restore_state(
+                strategy.get_state(result.state), result.best_step))
+        test = evaluate(best, data.test, eval_fn, strategy, config, prefix="test")
+        final.update(test)
+        final["num_test_videos"] = data.num_test_videos
+        final["backbone"] = source.describe() if source is not None else "random init"
+        title = (f"VCP probe, {config.data.name}/{config.data.config} test tuples "
+                 f"({test.get('test_tuples', 0)}), step {result.best_step or config.num_train_steps}")
+        reporting.plot_confusion(workdir / "confusion.png", np.asarray(test["test_confusion"]),
+                                 names, title)
+    reporting.write_json(workdir / "metrics.json", final)
+    checkpoints.close()
+    key = "test" if frozen_backbone else "val"
+    per_option = ", ".join(f"{n} {final.get(f'{key}_accuracy/{n}', float('nan')):.2f}"
+                           for n in names)
+    reporting.console(
+        f"{'test' if frozen_backbone else 'held-out'} VCP accuracy "
+        f"{final.get(f'{key}_vcp_accuracy', float('nan')):.3f} "
+        f"(chance {final['chance_accuracy']:.3f}); per option: {per_option}\n"
+        f"metrics: {workdir / 'metrics.json'}")
+    return final

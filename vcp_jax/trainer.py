@@ -1,0 +1,481 @@
+"""What every training stage shares: train state, optimizer, update core, evaluation, the loop.
+
+A stage (VCP pretraining and the probe in `pretrain.py`, fine-tuning in `finetune.py`) brings its
+model, its pure `train_step(state, batch, ctx)` / `eval_step(state, batch, ctx)` built on
+`update()`, its data and its summary; everything else is here, once:
+
+- `TrainState` (a pytree: jitted, sharded and checkpointed whole) and `StepContext` (the model
+  structure and optimizer the steps close over);
+- the optimizer: PyTorch SGD semantics (L2 before momentum) with the lr schedules, and freezing a
+  part of the model (no gradient computed for it, bit-identical after any number of steps);
+- `update()`: forward, backward, cross-device gradient mean, optimizer step, new BN statistics;
+- `accumulate()` / `gather()`: evaluation over batches padded with `valid=False` examples, as
+  sums (every example counted once on any number of devices and hosts) or per-example outputs;
+- `init_state()`: resume > init_from > scratch, as big_vision and scenic order them;
+- `train_loop()`: steps, progress bar, TensorBoard, one line per evaluation, checkpoints (the last
+  few plus the lowest validation loss) and bit-exact resumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+from vcp_jax import checkpointing, config_utils, models, parallel, reporting
+from vcp_jax import conv as conv_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCHEDULES = ("constant", "cosine")
+
+Batch = Mapping[str, Any]
+Metrics = dict[str, float]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """The checks every training stage shares; a `ConfigError` names the key and what is allowed."""
+    if config.model.get("arch") is not None:
+        config_utils.check_choice(config, "model.arch", models.ARCHS)
+    if config.model.get("width") is not None:
+        config_utils.check_positive(config, "model.width")
+    config_utils.check_choice(config, "model.dtype", DTYPES)
+    config_utils.check_choice(config, "model.conv_impl", conv_lib.CONV_IMPLS)
+    config_utils.check_choice(config, "parallel", parallel.STRATEGIES)
+    config_utils.check_choice(config, "optimizer.schedule", SCHEDULES)
+    for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "eval_every_steps",
+                "log_every_steps", "optimizer.learning_rate", "data.crop_size",
+                "keep_checkpoints"):
+        config_utils.check_positive(config, key)
+    for key in ("optimizer.momentum", "optimizer.weight_decay", "optimizer.warmup_steps",
+                "data.num_val_videos", "data.num_workers", "data.num_threads"):
+        config_utils.check_positive(config, key, allow_zero=True)
+    if config.batch_size % jax.device_count():
+        raise config_utils.ConfigError(
+            f"config.batch_size={config.batch_size} must be divisible by the number of devices "
+            f"({jax.device_count()})"
+        )
+
+
+def effective_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """The base rate, scaled linearly with the batch when `optimizer.scale_with_batch` is set."""
+    lr = config.optimizer.learning_rate
+    if config.optimizer.get("scale_with_batch", False):
+        lr *= config.batch_size / config.optimizer.base_batch_size
+    return lr
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Constant (the paper) or cosine to zero, each with an optional linear warm-up."""
+    lr = effective_learning_rate(config)
+    warmup = int(config.optimizer.warmup_steps)
+    if config.optimizer.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(1, config.num_train_steps - warmup))
+    else:
+        main = optax.constant_schedule(lr)
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, trainable: Any = None
+) -> optax.GradientTransformation:
+    """PyTorch SGD: L2 weight decay added to the gradient before momentum.
+
+    `trainable`: a pytree of bools over the parameters (None: all trainable); the others get no
+    update and no optimizer state.
+    """
+    tx = optax.chain(
+        optax.add_decayed_weights(config.optimizer.weight_decay),
+        optax.sgd(learning_rate_schedule(config), momentum=config.optimizer.momentum or None),
+    )
+    if trainable is None:
+        return tx
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# State and the update core
+# --------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes; a pytree, so it is jitted, sharded and checkpointed whole."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key; stages fold (step, example position) into it
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """What the pure steps close over: model structure, optimizer, freezing, the pmap axis.
+
+    `train_graphdef` is the model in training mode, or in inference mode when a part of it is
+    frozen (a frozen backbone keeps its BatchNorm statistics and normalises with them).
+    `task` holds the stage's own static settings (the cloze config, the number of classes).
+    """
+
+    train_graphdef: Any
+    eval_graphdef: Any
+    tx: optax.GradientTransformation
+    trainable: Any  # pytree of bools over `params`, or None (everything trains)
+    axis_name: str | None
+    task: Any = None
+
+
+def create_train_state(
+    model: nnx.Module,
+    config: ml_collections.ConfigDict,
+    *,
+    frozen: Callable[[tuple[Any, ...]], bool] | None = None,
+    axis_name: str | None = None,
+    task: Any = None,
+) -> tuple[TrainState, StepContext]:
+    """The state of a freshly initialised `model` and the context its steps close over.
+
+    `frozen(path) -> bool` marks parameters that must not train (e.g. the backbone of the probe
+    and of linear evaluation); then the whole model runs in inference mode during training.
+    """
+    model.eval()
+    eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    model.train()
+    train_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    trainable = None
+    if frozen is not None:
+        trainable = jax.tree_util.tree_map_with_path(lambda path, _: not frozen(path), params)
+        if not any(jax.tree.leaves(trainable)):
+            raise config_utils.ConfigError("every parameter is frozen: nothing would train")
+        train_graphdef = eval_graphdef
+    tx = create_optimizer(config, trainable)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(config.seed + 1),
+    )
+    return state, StepContext(train_graphdef, eval_graphdef, tx, trainable, axis_name, task)
+
+
+def path_has(name: str) -> Callable[[tuple[Any, ...]], bool]:
+    """A `frozen` predicate: the parameter's path goes through a module called `name`."""
+    return lambda path: any(getattr(k, "key", None) == name for k in path)
+
+
+def update(
+    state: TrainState,
+    ctx: StepContext,
+    loss_fn: Callable[[nnx.Module], tuple[jax.Array, Any]],
+) -> tuple[TrainState, jax.Array, Any]:
+    """One optimizer step: `loss_fn(model) -> (loss, aux)` on the model of `state`.
+
+    Gradients are averaged over the pmap axis; frozen parameters get neither a gradient (the
+    backward pass does not reach them) nor an update.
+    """
+
+    def wrapped(params: nnx.State) -> tuple[jax.Array, tuple[Any, nnx.State]]:
+        if ctx.trainable is not None:
+            params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p),
+                                  ctx.trainable, params)
+        model = nnx.merge(ctx.train_graphdef, params, state.batch_stats, copy=True)
+        loss, aux = loss_fn(model)
+        return loss, (aux, nnx.state(model, nnx.BatchStat))
+
+    (loss, (aux, batch_stats)), grads = jax.value_and_grad(wrapped, has_aux=True)(state.params)
+    if ctx.axis_name is not None:
+        grads = jax.lax.pmean(grads, ctx.axis_name)
+    updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+    if ctx.trainable is None:
+        params = optax.apply_updates(state.params, updates)
+    else:  # frozen leaves are returned as they are: bit-identical, not p + 0
+        params = jax.tree.map(lambda t, p, u: p + u if t else p,
+                              ctx.trainable, state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, loss, aux
+
+
+def eval_model(state: TrainState, ctx: StepContext) -> nnx.Module:
+    """The model of `state` in inference mode (BatchNorm normalises with its running statistics)."""
+    return nnx.merge(ctx.eval_graphdef, state.params, state.batch_stats, copy=True)
+
+
+def example_keys(base: jax.Array, step: jax.Array, batch_size: int,
+                 axis_name: str | None) -> jax.Array:
+    """One PRNG key per example of the global batch, from (base, step, position in the batch).
+
+    Under pmap the position is offset by the device's index, so jit, pmap and one device draw the
+    same randomness for the same example.
+    """
+    positions = jnp.arange(batch_size)
+    if axis_name is not None:
+        positions = jax.lax.axis_index(axis_name) * batch_size + positions
+    step_key = jax.random.fold_in(base, step)
+    return jax.vmap(lambda p: jax.random.fold_in(step_key, p))(positions)
+
+
+def reduce_metrics(metrics: dict[str, jax.Array], ctx: StepContext) -> dict[str, jax.Array]:
+    """Means over the pmap axis (the jit strategy already computes them over the global batch)."""
+    if ctx.axis_name is None:
+        return metrics
+    return jax.lax.pmean(metrics, ctx.axis_name)
+
+
+def sum_metrics(sums: dict[str, jax.Array], ctx: StepContext) -> dict[str, jax.Array]:
+    """Sums over the pmap axis, for evaluation totals."""
+    if ctx.axis_name is None:
+        return sums
+    return jax.lax.psum(sums, ctx.axis_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation over padded batches
+# --------------------------------------------------------------------------------------------
+
+
+def accumulate(
+    state: Any,
+    batches: Iterator[Batch],
+    eval_fn: Callable[..., Any],
+    strategy: parallel.Strategy,
+) -> dict[str, np.ndarray] | None:
+    """Sums of `eval_fn`'s outputs over every batch (None for no batch).
+
+    `eval_fn` returns sums over the valid examples of a global batch (padding masked), so each
+    example counts once on any number of devices and hosts.
+    """
+    totals = None
+    for batch in batches:
+        sums = strategy.fetch(eval_fn(state, strategy.put_batch(batch)))
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    return totals
+
+
+def gather(
+    state: Any,
+    batches: Iterator[Batch],
+    eval_fn: Callable[..., Any],
+    strategy: parallel.Strategy,
+) -> dict[str, np.ndarray]:
+    """Per-example outputs of `eval_fn` over every batch, from every host, padding removed.
+
+    `eval_fn` returns arrays with a leading batch axis and must include `valid`; the result holds
+    the valid rows of every global batch, on every host, in global order.
+    """
+    parts: list[dict[str, np.ndarray]] = []
+    for batch in batches:
+        out = strategy.gather(eval_fn(state, strategy.put_batch(batch)))
+        valid = out.pop("valid").astype(bool)
+        parts.append({k: v[valid] for k, v in out.items()})
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation: resume > init_from > scratch
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_init(
+    config: ml_collections.ConfigDict, workdir: Path
+) -> checkpointing.BackboneCheckpoint | None:
+    """Decides how a run starts (resume > init_from > scratch) and completes `config.model`.
+
+    Returns the backbone to start from, or None (resume, or scratch). A stage that starts from
+    a checkpoint rebuilds its architecture from the config stored there, so `model.arch` and
+    `model.width` may be left unset (None); a value given explicitly must agree. Called before
+    any data or compile work, so a wrong `init_from` fails at once.
+    """
+    own = checkpointing.find_own_steps(workdir)
+    if own:
+        step_dir = Path(workdir) / checkpointing.CHECKPOINTS_DIR / str(own[-1])
+        _fill_model_config(config, checkpointing.read_config(step_dir)["model"], step_dir)
+        return None
+    source = checkpointing.load_backbone(config.init_from) if config.get("init_from") else None
+    if source is not None:
+        _fill_model_config(config, source.config["model"], source.path)
+    elif config.model.get("arch") is None:
+        raise config_utils.ConfigError(
+            f"config.model.arch is not set and there is no config.init_from to take it from; "
+            f"choose one of {models.ARCHS}"
+        )
+    if config.model.get("width") is None:
+        config.model.width = 64
+    return source
+
+
+def _fill_model_config(
+    config: ml_collections.ConfigDict, stored: Mapping[str, Any], where: Path
+) -> None:
+    for key in ("arch", "width"):
+        given, value = config.model.get(key), stored[key]
+        if given is not None and given != value:
+            raise checkpointing.CheckpointError(
+                f"the checkpoint {where} holds a backbone with model.{key}={value!r}, but "
+                f"config.model.{key}={given!r}; drop the override or pick another checkpoint"
+            )
+        config.model[key] = value
+
+
+def init_backbone(
+    state: TrainState, source: checkpointing.BackboneCheckpoint
+) -> TrainState:
+    """`state` with its backbone's parameters and BatchNorm statistics taken from `source`.
+
+    Everything else (the new head, the optimizer state) stays as initialised.
+    """
+    name = checkpointing.BACKBONE
+
+    def put(tree: nnx.State, loaded: dict[str, np.ndarray], what: str) -> nnx.State:
+        pure = tree.to_pure_dict()
+        pure[name] = checkpointing.assign_backbone(pure[name], loaded, what=what,
+                                                   source=source.path)
+        new = jax.tree.map(lambda x: x, tree)  # a copy with the same Variable structure
+        nnx.replace_by_pure_dict(new, pure)
+        return new
+
+    return state.replace(
+        params=put(state.params, source.params, "parameters"),
+        batch_stats=put(state.batch_stats, source.batch_stats, "BatchNorm statistics"),
+    )
+
+
+def init_state(
+    state: TrainState,
+    checkpoints: checkpointing.RunCheckpoints,
+    source: checkpointing.BackboneCheckpoint | None,
+) -> tuple[TrainState, int, str]:
+    """(state, first step, what happened): resume > init_from > scratch.
+
+    `state` is freshly initialised (host arrays); the result is too.
+    """
+    if checkpoints.latest_step() is not None:
+        state, step = checkpoints.restore_latest(state)
+        return state, step, f"resumed from the checkpoint of step {step} in {checkpoints.directory}"
+    if source is None:
+        return state, 0, "starting from random initialisation"
+    state = init_backbone(state, source)
+    dropped = f"; not loaded: {', '.join(source.dropped)}" if source.dropped else ""
+    return state, 0, f"loaded the {source.describe()}{dropped}"
+
+
+def check_fold(source: checkpointing.BackboneCheckpoint, data: ml_collections.ConfigDict) -> None:
+    """Refuses to test a fine-tuned backbone on a fold whose test videos it trained on.
+
+    A backbone fine-tuned on fold f of a dataset has seen the train videos of fold f, which are
+    test videos of the other folds; testing it there would count training videos.
+    """
+    if source.fold is None:
+        return
+    trained_on = source.config.get("data", {}).get("name")
+    if trained_on != data.name:
+        return
+    from vcp_jax import datasets  # noqa: PLC0415
+
+    fold = datasets.fold_of(data)
+    if fold != source.fold:
+        raise config_utils.UserError(
+            f"the backbone in {source.path} was fine-tuned on {trained_on} fold {source.fold}; "
+            f"fold {fold}'s test videos include videos it trained on. Test it on fold "
+            f"{source.fold} (config.data.config='{datasets.with_fold(data, source.fold)}') or "
+            f"start from a checkpoint that was not fine-tuned on {trained_on}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any  # placed on the devices (strategy layout)
+    val_metrics: Metrics
+    best_step: int | None
+    start_step: int
+
+
+def train_loop(
+    *,
+    config: ml_collections.ConfigDict,
+    state: Any,
+    train_fn: Callable[..., Any],
+    train_iter: Any,
+    evaluate: Callable[[Any], Metrics],
+    strategy: parallel.Strategy,
+    checkpoints: checkpointing.RunCheckpoints,
+    start_step: int,
+    writer: Any,
+    desc: str,
+    eval_line: Callable[[int, Metrics], str],
+) -> LoopResult:
+    """Trains from `start_step` to `config.num_train_steps`: log, evaluate, checkpoint.
+
+    `state` is already placed on the devices; `evaluate(state)` returns validation metrics
+    (`val_loss` decides the best checkpoint). Metrics are fetched from the devices only every
+    `log_every_steps`, so the host never waits for a step to finish in between.
+    """
+    is_main = jax.process_index() == 0
+    bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit="step", desc=desc,
+                    disable=not is_main, dynamic_ncols=True, leave=True)
+    lr_schedule = learning_rate_schedule(config)  # for logging; the optimizer holds its own
+    val_metrics: Metrics = {}
+    recent: list[Any] = []
+    window_start = time.perf_counter()
+    for step in range(start_step + 1, config.num_train_steps + 1):
+        batch = strategy.put_batch(next(train_iter))
+        state, metrics = train_fn(state, batch)
+        recent.append(metrics)
+        bar.update()
+        is_last = step == config.num_train_steps
+        if step % config.log_every_steps == 0 or is_last:
+            fetched = [strategy.fetch(m) for m in recent]
+            summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            summary["steps_per_second"] = len(recent) / (time.perf_counter() - window_start)
+            summary["learning_rate"] = float(lr_schedule(step - 1))
+            bar.set_postfix({k: f"{summary[k]:.3f}" for k in ("loss", "accuracy")
+                             if k in summary})
+            reporting.write_scalars(writer, step, summary, prefix="train/")
+            recent, window_start = [], time.perf_counter()
+        evaluated = step % config.eval_every_steps == 0 or is_last
+        if evaluated:
+            val_metrics = evaluate(state)
+            reporting.write_scalars(writer, step, val_metrics)
+            if is_main:
+                bar.write(eval_line(step, val_metrics))
+        if step % config.checkpoint_every_steps == 0 or is_last:
+            checkpoints.save(step, strategy.get_state(state),
+                             metrics=val_metrics if evaluated else None)
+    bar.close()
+    checkpoints.wait()
+    return LoopResult(state, val_metrics, checkpoints.best_step(), start_step)
+
+
+def eval_line(step: int, metrics: Metrics) -> str:
+    """`step 150: val_loss=1.2345, val_accuracy=0.4000` (per-class entries left out)."""
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                      if "/" not in k and isinstance(v, float))
+    return f"step {step}: {shown}"
