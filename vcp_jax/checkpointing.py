@@ -224,7 +224,8 @@ def read_config(step_dir: Path) -> dict[str, Any]:
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config")
     except Exception as e:  # noqa: BLE001 - any unreadable config is the same user error
-        raise CheckpointError(f"init_from: cannot read the config stored in {step_dir}: {e}")
+        raise CheckpointError(
+            f"init_from: cannot read the config stored in {step_dir}: {e}") from e
 
 
 def flatten(tree: Mapping[Any, Any]) -> dict[str, np.ndarray]:

@@ -181,7 +181,7 @@ def sample_clip(
 
 
 def multi_clip_starts(num_frames: int, clip_len: int, num_clips: int) -> list[int]:
-    """Starts of the `num_clips` test clips: centres `linspace(T/2, L - T/2, n)`, start = centre - T/2.
+    """Starts of `num_clips` clips spread evenly: centres `linspace(T/2, L - T/2, n)`, minus T/2.
 
     For T = 16: centres `linspace(8, L - 8, 10)`, `start = int(centre - 8)` (the reference's
     positions). A video shorter than a clip (L < T) gives starts clamped to 0: every clip is the

@@ -338,8 +338,9 @@ def train_vcp(
         final.update(test)
         final["num_test_videos"] = data.num_test_videos
         final["backbone"] = source.describe() if source is not None else "random init"
+        step = result.best_step or config.num_train_steps
         title = (f"VCP probe, {config.data.name}/{config.data.config} test tuples "
-                 f"({test.get('test_tuples', 0)}), step {result.best_step or config.num_train_steps}")
+                 f"({test.get('test_tuples', 0)}), step {step}")
         reporting.plot_confusion(workdir / "confusion.png", np.asarray(test["test_confusion"]),
                                  names, title)
     reporting.write_json(workdir / "metrics.json", final)
