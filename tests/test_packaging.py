@@ -8,6 +8,7 @@ the checkout, as a user does after `pip install .`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tests.conftest import REPO_ROOT
 from vcp_jax import config_paths
@@ -116,7 +118,11 @@ def canonical(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel built offline from a copy of the working tree."""
+    """A wheel built offline from a copy of the working tree, with this environment's setuptools."""
+    setuptools = Version(importlib.metadata.version("setuptools"))
+    assert setuptools >= Version("70.1"), (
+        f"setuptools {setuptools} cannot build wheels without the `wheel` package: install the "
+        "pinned setuptools from requirements.txt (the `test` extra asks for >= 70.1)")
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
     source.mkdir()
