@@ -59,7 +59,9 @@ PEAKS: list[tuple[str, dict[str, tuple[float, str]]]] = [
 # SPEC 7: model GFLOP of one pretraining tuple (3 clips 16x112x112, forward + backward) at width 64.
 SPEC_GFLOP_PER_TUPLE = {"c3d": 693.0, "r3d": 358.0, "r21d": 385.0}
 SPEC_GFLOP_FORWARD = {"c3d": 77.0, "r3d": 39.8, "r21d": 42.7}  # one 16x112x112 clip
-PAPER = {"batch_size": 8, "crop": 112, "clip_len": 16, "width": 64}
+# The paper's sizes; its batch (8 tuples) is `--batch_size`'s default, so `--paper --batch_size 64`
+# measures batch 64.
+PAPER = {"crop": 112, "clip_len": 16, "width": 64}
 
 
 def peak_flops(device_kind: str, dtype: str) -> tuple[float, str] | None:
@@ -89,10 +91,10 @@ def forward_flops(args: argparse.Namespace, arch: str, dtype: str, conv_impl: st
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from vcp_jax import models, train  # noqa: PLC0415
+    from vcp_jax import models, trainer  # noqa: PLC0415
 
     backbone = models.create_backbone(arch, rngs=nnx.Rngs(0), width=args.width,
-                                      dtype=train.DTYPES[dtype], conv_impl=conv_impl)
+                                      dtype=trainer.DTYPES[dtype], conv_impl=conv_impl)
     backbone.eval()
     graphdef, state = nnx.split(backbone)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
@@ -128,15 +130,15 @@ def random_batch(args: argparse.Namespace, seed: int = 0) -> dict[str, np.ndarra
 def bench_one(args: argparse.Namespace, arch: str, dtype: str, conv_impl: str) -> dict[str, Any]:
     import jax  # noqa: PLC0415
 
-    from vcp_jax import parallel, train  # noqa: PLC0415
+    from vcp_jax import parallel, pretrain  # noqa: PLC0415
 
     config = make_config(args, arch, dtype, conv_impl)
-    train.validate_config(config)
+    pretrain.validate_config(config)
     load_before = _common.load_average()
-    state, fns = train.create_train_state(config)
+    state, ctx = pretrain.create_train_state(config)
     num_params = sum(int(np.size(x)) for x in jax.tree.leaves(state.params))
     strategy = parallel.JitStrategy()
-    jitted = strategy.compile(functools.partial(train.train_step, fns=fns), donate_state=True)
+    jitted = strategy.compile(functools.partial(pretrain.train_step, ctx=ctx), donate_state=True)
     state = strategy.put_state(state)
     batch = strategy.put_batch(random_batch(args))
 
@@ -200,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, comma list, all")
     parser.add_argument("--conv_impl", default="auto",
                         help="native, conv2d, auto (conv2d on CPU, native elsewhere), comma list")
-    parser.add_argument("--batch_size", type=int, default=8, help="global batch (tuples)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="global batch (tuples); 8 as in the paper, also with --paper")
     parser.add_argument("--crop", type=int, default=56)
     parser.add_argument("--clip_len", type=int, default=16)
     parser.add_argument("--width", type=int, default=16, help="64 in the paper")
@@ -210,16 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile and report XLA's FLOPs without running steps (e.g. the "
                              "paper sizes on a CPU)")
     parser.add_argument("--paper", action="store_true",
-                        help="the paper's sizes: batch 8, crop 112, clip_len 16, width 64")
+                        help="the paper's sizes: crop 112, clip_len 16, width 64 (the batch "
+                             "is --batch_size)")
     args = parser.parse_args(argv)
     if args.paper:
         for key, value in PAPER.items():
             setattr(args, key, value)
 
-    from vcp_jax import conv, models, train  # noqa: PLC0415
+    from vcp_jax import conv, models, trainer  # noqa: PLC0415
 
     archs = _split(args.arch, models.ARCHS)
-    dtypes = _split(args.dtype, tuple(train.DTYPES))
+    dtypes = _split(args.dtype, tuple(trainer.DTYPES))
     impls = _split(args.conv_impl, conv.CONV_IMPLS)
     _common.print_header("VCP train step (jit, random uint8 batches)")
     print(f"batch {args.batch_size} tuples, 3 clips x {args.clip_len} frames x {args.crop}^2 "
