@@ -73,9 +73,9 @@ def test_head_param_counts(arch):
 
 
 def test_count_params_excludes_batch_stats():
-    bn = nnx.BatchNorm(7, rngs=nnx.Rngs(0))
+    bn = models.BatchNorm(7)
     assert count_params(bn) == 14
-    assert count_params(nnx.eval_shape(lambda: nnx.BatchNorm(7, rngs=nnx.Rngs(0)))) == 14
+    assert count_params(nnx.eval_shape(lambda: models.BatchNorm(7))) == 14
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -179,10 +179,11 @@ def test_bn_axis_name_is_passed():
     model = nnx.eval_shape(
         lambda: create_backbone("r21d", rngs=nnx.Rngs(0), width=4, bn_axis_name="batch")
     )
-    bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+    bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, models.BatchNorm)]
     # conv1: 2 (one inside the factorised conv); 4 blocks x 4; 3 projection shortcuts x 2.
     assert len(bns) == 2 + 4 * 4 + 3 * 2
     assert all(bn.axis_name == "batch" for bn in bns)
+    assert all(bn.batch_groups == 1 for bn in bns)  # a bare backbone: plain BatchNorm
 
 
 TINY_CLIP = (2, 16, 32, 32, 3)
@@ -288,3 +289,176 @@ def test_bfloat16_compute():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model)))
     fmap = nnx.eval_shape(lambda m, c: m.feature_map(c), model.backbone, x)
     assert fmap.dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------- BatchNorm groups
+
+
+def _numpy_batchnorm(x, groups, mean, var, scale, bias, m=0.9, eps=1e-5):
+    """PyTorch's BatchNorm3d called once per group, in group order, on channels-last numpy."""
+    x = np.asarray(x, np.float64)
+    xg = x.reshape(x.shape[0] // groups, groups, *x.shape[1:])
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    out = np.empty_like(xg)
+    for g in range(groups):
+        rows = xg[:, g].reshape(-1, x.shape[-1])
+        mu, v, n = rows.mean(0), rows.var(0), rows.shape[0]
+        out[:, g] = (xg[:, g] - mu) / np.sqrt(v + eps) * scale + bias
+        mean = m * mean + (1 - m) * mu
+        var = m * var + (1 - m) * v * n / (n - 1)  # unbiased, as PyTorch
+    return out.reshape(x.shape), mean, var
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_batchnorm_statistic_groups(groups):
+    bn = models.BatchNorm(5, batch_groups=groups)
+    rng = np.random.default_rng(0)
+    for v, value in ((bn.scale, rng.uniform(0.5, 1.5, 5)), (bn.bias, rng.normal(0, 0.3, 5)),
+                     (bn.mean, rng.normal(0, 0.3, 5)), (bn.var, rng.uniform(0.5, 2, 5))):
+        v[...] = jnp.asarray(value, jnp.float32)
+    before = [np.asarray(v[...]) for v in (bn.mean, bn.var, bn.scale, bn.bias)]
+    # Each group (row % groups) gets its own offset and spread, so pooling them would show.
+    x = rng.normal(size=(6, 2, 3, 3, 5)) * (1 + np.arange(6) % 3)[:, None, None, None, None]
+    x += (np.arange(6) % 3)[:, None, None, None, None]
+    y = bn(jnp.asarray(x, jnp.float32))
+    expected, mean, var = _numpy_batchnorm(x, groups, *before)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.mean[...], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bn.var[...], var, rtol=1e-6, atol=1e-6)
+
+    bn.eval()  # inference: the running statistics, whatever the groups
+    y = bn(jnp.asarray(x, jnp.float32))
+    expected = (x - mean) / np.sqrt(var + 1e-5) * before[2] + before[3]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_errors():
+    with pytest.raises(ValueError, match="7 rows do not split into 3 groups"):
+        models.BatchNorm(4, batch_groups=3)(jnp.ones((7, 2, 4)))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        models.BatchNorm(4)(jnp.ones((1, 1, 4)))
+    with pytest.raises(ValueError, match="batch_groups"):
+        models.BatchNorm(4, batch_groups=0)
+
+
+def test_vcp_model_sets_the_backbone_groups():
+    def groups(module):
+        return {m.batch_groups for _, m in nnx.iter_modules(module)
+                if isinstance(m, models.BatchNorm)}
+
+    def build(**kwargs):
+        return VCPModel(create_backbone("r21d", rngs=nnx.Rngs(0), width=4), rngs=nnx.Rngs(1),
+                        **kwargs)
+
+    assert groups(abstract_backbone("r21d", width=4)) == {1}  # a bare backbone
+    vcp = nnx.eval_shape(build)
+    assert vcp.bn_stats == "per_clip" and groups(vcp) == {3}  # the default
+    Classifier(vcp.backbone, 7, rngs=nnx.Rngs(1))  # fine-tuning: one clip, one group
+    assert groups(vcp.backbone) == {1}
+    assert groups(nnx.eval_shape(lambda: build(num_clips=4, bn_stats="per_clip"))) == {4}
+    assert groups(nnx.eval_shape(lambda: build(bn_stats="pooled"))) == {1}
+    with pytest.raises(ValueError, match="per_clip"):
+        nnx.eval_shape(lambda: build(bn_stats="per_position"))
+    assert models.BN_STATS == ("per_clip", "pooled")
+
+
+TINY_TUPLES = (4, 3, 8, 16, 16, 3)
+
+
+def _tiny_vcp(bn_stats: str = "per_clip", bn_axis_name: str | None = None):
+    backbone = create_backbone("r3d", rngs=nnx.Rngs(0), width=4, bn_axis_name=bn_axis_name,
+                               conv_impl="native")  # compiles faster than conv2d
+    return VCPModel(backbone, rngs=nnx.Rngs(1), bn_stats=bn_stats)
+
+
+def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels])
+
+
+def test_per_clip_bn_equals_the_backbone_called_per_position():
+    """[U] calls the backbone once per clip position; 'per_clip' gets the same in one call."""
+    model = _tiny_vcp("per_clip")
+    model.backbone.bn1.mean[...] = jnp.full((4,), 0.3)  # not fresh: the order of updates shows
+    tuples = jax.random.uniform(jax.random.key(0), TINY_TUPLES)
+    labels = jnp.array([0, 1, 4, 2])
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+    def both(state):
+        def batched(m):
+            return _ce(m(tuples), labels)
+
+        def per_position(m):
+            models.set_bn_groups(m.backbone, 1)
+            feats = jnp.stack([m.backbone(tuples[:, i]) for i in range(3)], axis=1)
+            return _ce(m.head(feats), labels)
+
+        out = []
+        for fn in (batched, per_position):
+            m = nnx.merge(graphdef, state)
+            loss, grads = nnx.value_and_grad(fn)(m)
+            out.append((loss, grads, nnx.state(m, nnx.BatchStat)))
+        return out
+
+    (loss, grads, stats), (ref_loss, ref_grads, ref_stats) = both(state)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for tree, ref in ((grads, ref_grads), (stats, ref_stats)):
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+def test_pooled_bn_is_one_batch_and_differs_from_per_clip():
+    tuples = jax.random.uniform(jax.random.key(0), TINY_TUPLES)
+    pooled = _tiny_vcp("pooled")
+    per_clip = _tiny_vcp("per_clip")
+
+    @functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=_FAST_COMPILE)
+    def run(graphdef, pooled_graphdef, state):
+        flat = tuples.reshape(-1, *tuples.shape[2:])
+        m = nnx.merge(pooled_graphdef, state)
+        one_batch = m.head(m.backbone(flat).reshape(4, 3, -1))
+        return (nnx.merge(pooled_graphdef, state)(tuples), one_batch,
+                nnx.merge(graphdef, state)(tuples))
+
+    pooled_gd, state = nnx.split(pooled)
+    per_clip_gd, _ = nnx.split(per_clip)
+    logits, one_batch, per_clip_logits = run(per_clip_gd, pooled_gd, state)
+    np.testing.assert_allclose(logits, one_batch, rtol=1e-5, atol=1e-6)
+    assert np.abs(logits - per_clip_logits).max() > 1e-3 * np.abs(per_clip_logits).max()
+
+
+def test_per_clip_bn_statistics_are_global_across_devices():
+    """pmap over 8 devices with the BN axis equals 1 device: logits, grads and BN statistics.
+
+    (jit on a mesh needs nothing: the batch is one global array; test_pretrain checks both.)
+    """
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    tuples = jax.random.uniform(jax.random.key(0), (8, *TINY_TUPLES[1:]))
+    labels = jnp.arange(8) % 5
+    model = _tiny_vcp("per_clip")
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    pmap_graphdef = nnx.graphdef(nnx.eval_shape(lambda: _tiny_vcp("per_clip", "batch")))
+
+    def step(graphdef, params, stats, tuples, labels, axis_name=None):
+        def loss_fn(params):
+            m = nnx.merge(graphdef, params, stats, copy=True)
+            logits = m(tuples)
+            return _ce(logits, labels), (logits, nnx.state(m, nnx.BatchStat))
+
+        (_, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+        return logits, grads, new_stats
+
+    one = jax.jit(functools.partial(step, graphdef), compiler_options=_FAST_COMPILE)
+    logits, grads, new_stats = one(params, stats, tuples, labels)
+    pmapped = jax.pmap(functools.partial(step, pmap_graphdef, axis_name="batch"),
+                       axis_name="batch", in_axes=(None, None, 0, 0))
+    p_logits, p_grads, p_stats = pmapped(params, stats, tuples.reshape(8, 1, *tuples.shape[1:]),
+                                         labels.reshape(8, 1))
+
+    np.testing.assert_allclose(p_logits.reshape(8, -1), logits, rtol=1e-5, atol=1e-6)
+    for tree, ref in ((p_grads, grads), (p_stats, new_stats)):
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5 * np.abs(b).max())

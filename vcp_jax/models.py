@@ -15,8 +15,15 @@ R(2+1)D    14,365,303            16x56 -> 16x56 -> 8x28 -> 4x14 -> 2x7
 
 Every backbone ends in global average pooling to an `8 * width` feature (512 at the paper's
 `width=64`); `width=4..16` gives tiny models for CPU tests and demos. Convs use explicit symmetric
-padding (PyTorch semantics), BatchNorm uses PyTorch's defaults (Flax momentum 0.9, epsilon 1e-5),
-and modules start in training mode: switch with NNX's `model.train()` / `model.eval()`.
+padding (PyTorch semantics), BatchNorm is PyTorch's (momentum 0.1, i.e. Flax's 0.9, epsilon 1e-5,
+running variance updated with the unbiased batch variance), and modules start in training mode:
+switch with NNX's `model.train()` / `model.eval()`.
+
+BatchNorm in the VCP model follows [U] by default (`bn_stats='per_clip'`): [U] calls the backbone
+once per clip position, so each position's clips are normalised with their own batch statistics
+and the running statistics are updated once per position; `VCPModel` reproduces that on one
+batched backbone call with per-position statistic groups (`BatchNorm.batch_groups`).
+`bn_stats='pooled'` pools all clips of the batch instead (a deviation; see docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from flax import nnx
 from vcp_jax import conv as conv_lib
 
 ARCHS = ("c3d", "r3d", "r21d")
+BN_STATS = ("per_clip", "pooled")  # VCPModel's BatchNorm statistics: [U]'s, or one pool
 
 Dtype = Any
 Triple = tuple[int, int, int]
@@ -91,6 +99,11 @@ def _triple(v: int | Sequence[int]) -> Triple:
     return t  # type: ignore[return-value]
 
 
+def _at_least_f32(dtype: Dtype) -> Dtype:
+    """float32 for bfloat16 / float16 / float32, float64 for float64 (x64 tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def count_params(module: nnx.Module) -> int:
     """Number of learnable weights (`nnx.Param`) in `module`; BatchNorm running stats excluded.
 
@@ -132,20 +145,110 @@ def conv3d(
     )
 
 
+class BatchNorm(nnx.Module):
+    """PyTorch's `nn.BatchNorm3d` on channels-last input, with optional statistic groups.
+
+    Training mode (`use_running_average=False`, NNX's `model.train()`): the batch `(R, ..., C)`
+    is split into `batch_groups` groups of rows, row `r` in group `r % batch_groups` (so with
+    `G` groups the batch is read as `(R / G, G, ..., C)`); each group is normalised with its own
+    mean and biased variance over its rows and all non-channel axes, and the running statistics
+    are updated once per group, in group order:
+    `mean <- m * mean + (1 - m) * mean_g`, `var <- m * var + (1 - m) * var_g * n / (n - 1)`,
+    the unbiased variance as PyTorch uses it (`n`: the group's element count per channel).
+
+    One group is plain batch normalisation. `G = N` on a `(B * N, ...)` batch of tuples that
+    were flattened from `(B, N, ...)` gives each clip position its own statistics: exactly what
+    [U]'s VCP model computes by calling the backbone once per position (SPEC section 2).
+
+    `axis_name` (pmap, shard_map): the per-group mean and mean of squares are averaged over the
+    axis, so the statistics are those of the global batch and `n` counts every device's rows.
+    Under `jax.jit` on a mesh the batch is one global array and nothing is needed.
+
+    Inference mode (`model.eval()`): the running statistics, whatever `batch_groups` is.
+    Statistics and normalisation are computed in float32 (float64 for float64 input, under
+    `jax.enable_x64`), the result is cast to `dtype`.
+    Variables have `nnx.BatchNorm`'s names and shapes: `scale`, `bias` (`nnx.Param`, `(C,)`),
+    `mean`, `var` (`nnx.BatchStat`, `(C,)`).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        dtype: Dtype = jnp.float32,
+        axis_name: str | None = None,
+        batch_groups: int = 1,
+        use_running_average: bool = False,
+    ):
+        if batch_groups < 1:
+            raise ValueError(f"batch_groups must be a positive int, got {batch_groups!r}")
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.axis_name = axis_name
+        self.batch_groups = batch_groups
+        self.use_running_average = use_running_average
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`(R, ..., C)` -> `(R, ..., C)` in `dtype`; R divisible by `batch_groups` in training."""
+        compute = _at_least_f32(x.dtype)
+        scale = self.scale[...].astype(compute)
+        bias = self.bias[...].astype(compute)
+        x32 = x.astype(compute)
+        if self.use_running_average:
+            mul = scale * jax.lax.rsqrt(self.var[...].astype(compute) + self.epsilon)
+            return ((x32 - self.mean[...].astype(compute)) * mul + bias).astype(self.dtype)
+
+        groups = self.batch_groups
+        rows = x.shape[0]
+        if rows % groups:
+            raise ValueError(f"BatchNorm: {rows} rows do not split into {groups} groups")
+        xg = x32.reshape(rows // groups, groups, *x.shape[1:])  # (R/G, G, ..., C)
+        axes = (0, *range(2, xg.ndim - 1))
+        # One pass (E[x^2] - E[x]^2, as Flax's default), so pmap needs a single collective.
+        moments = jnp.stack([xg.mean(axes), jnp.square(xg).mean(axes)])  # (2, G, C)
+        count = math.prod(xg.shape[i] for i in axes)
+        if self.axis_name is not None:
+            moments = jax.lax.pmean(moments, self.axis_name)
+            count *= jax.lax.axis_size(self.axis_name)
+        if count < 2:
+            # PyTorch refuses too: the unbiased variance of one value is undefined.
+            raise ValueError(f"BatchNorm needs more than 1 value per channel, got {count}")
+        mean = moments[0]  # (G, C)
+        var = jnp.maximum(moments[1] - jnp.square(mean), 0.0)
+
+        running_mean, running_var = self.mean[...], self.var[...]
+        m = self.momentum
+        unbiased = count / (count - 1)
+        for g in range(groups):  # in clip order, as the reference's sequential backbone calls
+            running_mean = m * running_mean + (1 - m) * mean[g]
+            running_var = m * running_var + (1 - m) * var[g] * unbiased
+        # Stored in the variables' own dtype (float32), whatever the compute dtype.
+        self.mean[...] = jax.lax.stop_gradient(running_mean).astype(self.mean[...].dtype)
+        self.var[...] = jax.lax.stop_gradient(running_var).astype(self.var[...].dtype)
+
+        bshape = (1, groups) + (1,) * (xg.ndim - 3) + (x.shape[-1],)
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)  # (G, C)
+        y = (xg - mean.reshape(bshape)) * mul.reshape(bshape) + bias
+        return y.reshape(x.shape).astype(self.dtype)
+
+
 def batch_norm(
     num_features: int, *, dtype: Dtype, axis_name: str | None, rngs: nnx.Rngs
-) -> nnx.BatchNorm:
-    """`nn.BatchNorm3d` defaults: momentum 0.1 (Flax 0.9), eps 1e-5, scale 1, bias 0, train mode."""
-    return nnx.BatchNorm(
-        num_features,
-        use_running_average=False,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        axis_name=axis_name,
-        rngs=rngs,
-    )
+) -> BatchNorm:
+    """`nn.BatchNorm3d` defaults: momentum 0.1 (Flax 0.9), eps 1e-5, scale 1, bias 0, train mode.
+
+    One statistic group; `set_bn_groups` changes it (the VCP model does).
+    """
+    del rngs  # deterministic init
+    return BatchNorm(num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, axis_name=axis_name)
 
 
 def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -162,8 +265,8 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype, rngs: nnx.Rngs)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """`(B, T, H, W, C)` -> `(B, C)`, averaged in float32."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))
+    """`(B, T, H, W, C)` -> `(B, C)`, averaged in float32 (or wider: float64 under x64)."""
+    return jnp.mean(x.astype(_at_least_f32(x.dtype)), axis=(1, 2, 3))
 
 
 class _Backbone(nnx.Module):
@@ -460,6 +563,16 @@ def create_backbone(
     return backbone
 
 
+def set_bn_groups(module: nnx.Module, groups: int) -> None:
+    """Makes every `BatchNorm` in `module` compute its training statistics in `groups` groups of
+    rows (row `r` in group `r % groups`; see `BatchNorm`)."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"BatchNorm groups must be a positive int, got {groups!r}")
+    for _, submodule in nnx.iter_modules(module):
+        if isinstance(submodule, BatchNorm):
+            submodule.batch_groups = groups
+
+
 def set_conv_impl(module: nnx.Module, conv_impl: str) -> None:
     """Makes every `nnx.Conv` in `module` run with `conv_impl` (see `create_backbone`)."""
     conv_fn = conv_lib.resolve(conv_impl)
@@ -492,14 +605,25 @@ class VCPHead(nnx.Module):
     def __call__(self, clip_features: jax.Array) -> jax.Array:
         b, n, f = clip_features.shape
         assert n == self.num_clips, (n, self.num_clips)
-        return self.fc(clip_features.reshape(b, n * f)).astype(jnp.float32)
+        logits = self.fc(clip_features.reshape(b, n * f))
+        return logits.astype(_at_least_f32(logits.dtype))
 
 
 class VCPModel(nnx.Module):
     """Backbone + VCP head: a tuple of `num_clips` clips -> logits over the blank's options.
 
-    The backbone runs once on all `B * N` clips (one big batch, so BatchNorm sees every clip of
-    the batch together and accelerators get one large conv), then the head.
+    The backbone runs once on all `B * N` clips, flattened tuple-major from `(B, N, ...)` (one
+    large batch for the accelerator), then the head. BatchNorm statistics in training mode
+    (`bn_stats`, one of `BN_STATS`):
+
+    - 'per_clip' (default, [U]): clip position n's statistics are over the B clips at position n
+      only, and each BatchNorm's running statistics are updated N times a step, in clip order.
+      Identical to [U], which calls the backbone once per position.
+    - 'pooled': one set of statistics over all B * N clips and one running update a step. Not
+      the reference: the blank (the option) is normalised together with its context clips.
+
+    The model owns its backbone's BatchNorm configuration: building it sets the backbone's
+    statistic groups (N or 1); a `Classifier` built on the same backbone sets them back to 1.
     """
 
     def __init__(
@@ -510,20 +634,30 @@ class VCPModel(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
+        bn_stats: str = "per_clip",
     ):
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
         self.backbone = backbone
         self.num_clips = num_clips
+        self.bn_stats = bn_stats
+        set_bn_groups(backbone, num_clips if bn_stats == "per_clip" else 1)
         self.head = VCPHead(backbone.num_features, num_clips, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, tuples: jax.Array) -> jax.Array:
         """`(B, N, T, H, W, C)` tuples -> `(B, num_classes)` float32 logits."""
         b, n = tuples.shape[:2]
+        assert n == self.num_clips, (tuples.shape, self.num_clips)
+        # Row b * N + n is clip n of tuple b: BatchNorm group n is clip position n.
         feats = self.backbone(tuples.reshape(b * n, *tuples.shape[2:]))  # (B*N, F)
         return self.head(feats.reshape(b, n, -1))
 
 
 class Classifier(nnx.Module):
-    """Backbone + Dense(features -> num_classes), for fine-tuning on action recognition."""
+    """Backbone + Dense(features -> num_classes), for fine-tuning on action recognition.
+
+    One clip per video, so BatchNorm is the standard one-group kind (as [U]'s classifier).
+    """
 
     def __init__(
         self,
@@ -533,9 +667,11 @@ class Classifier(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
     ):
+        set_bn_groups(backbone, 1)
         self.backbone = backbone
         self.fc = linear(backbone.num_features, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, clips: jax.Array) -> jax.Array:
         """`(B, T, H, W, C)` clips -> `(B, num_classes)` float32 logits."""
-        return self.fc(self.backbone(clips)).astype(jnp.float32)
+        logits = self.fc(self.backbone(clips))
+        return logits.astype(_at_least_f32(logits.dtype))
