@@ -269,13 +269,19 @@ def load_backbone(path: str | Path) -> BackboneCheckpoint:
         ),
     )
     return BackboneCheckpoint(
-        params=flatten(restored["params"][BACKBONE]),
-        batch_stats=flatten(restored["batch_stats"][BACKBONE]),
+        params=_without_variable_keys(flatten(restored["params"][BACKBONE])),
+        batch_stats=_without_variable_keys(flatten(restored["batch_stats"][BACKBONE])),
         config=config,
         path=step_dir,
         step=step,
         dropped=tuple(sorted(str(k) for k in metadata["params"] if k != BACKBONE)),
     )
+
+
+def _without_variable_keys(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """'conv1/kernel/value' -> 'conv1/kernel': a saved `nnx.State` stores each Variable's array
+    under a 'value' key; a pure dict (`save_backbone`, the converter) does not."""
+    return {k.removesuffix("/value"): v for k, v in flat.items()}
 
 
 def save_backbone(

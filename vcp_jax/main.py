@@ -23,7 +23,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vcp_jax import config_utils
+from vcp_jax import config_paths, config_utils
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with an unknown `--config.key` named together with its near misses."""
     try:
-        return FLAGS(argv)
+        return FLAGS(config_paths.resolve_config_flag(argv))
     except flags.Error as e:
         message = str(e)
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is absent
@@ -111,4 +111,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     """The entry point (`main.py` and the installed `vcp-jax` command)."""
     flags.mark_flags_as_required(["config", "workdir"])
+    # Listed by --helpshort under the installed `vcp-jax` command too, not only under main.py.
+    for name in ("config", "workdir", "distributed", "coordinator_address", "num_processes",
+                 "process_id"):
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
     app.run(main, flags_parser=parse_flags)

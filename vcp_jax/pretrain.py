@@ -277,6 +277,8 @@ def train_vcp(
     config = copy.deepcopy(config)  # filled in below (arch and width from init_from)
     source = trainer.resolve_init(config, workdir)
     validate_config(config)
+    if config.get("num_train_steps") is None:
+        raise config_utils.ConfigError("config.num_train_steps must be set")
     if frozen_backbone and source is not None:
         trainer.check_fold(source, config.data)
     datasets.prepare(config.data)

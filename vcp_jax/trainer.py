@@ -58,10 +58,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_utils.check_choice(config, "model.conv_impl", conv_lib.CONV_IMPLS)
     config_utils.check_choice(config, "parallel", parallel.STRATEGIES)
     config_utils.check_choice(config, "optimizer.schedule", SCHEDULES)
-    for key in ("batch_size", "num_train_steps", "checkpoint_every_steps", "eval_every_steps",
-                "log_every_steps", "optimizer.learning_rate", "data.crop_size",
+    for key in ("batch_size", "log_every_steps", "optimizer.learning_rate", "data.crop_size",
                 "keep_checkpoints"):
         config_utils.check_positive(config, key)
+    # None: a stage derives them from the data (fine-tuning: epochs of the training videos).
+    for key in ("num_train_steps", "checkpoint_every_steps", "eval_every_steps"):
+        if config.get(key) is not None:
+            config_utils.check_positive(config, key)
     for key in ("optimizer.momentum", "optimizer.weight_decay", "optimizer.warmup_steps",
                 "data.num_val_videos", "data.num_workers", "data.num_threads"):
         config_utils.check_positive(config, key, allow_zero=True)
@@ -340,6 +343,25 @@ def _fill_model_config(
         config.model[key] = value
 
 
+def with_backbone(
+    params: nnx.State, batch_stats: nnx.State, source: checkpointing.BackboneCheckpoint
+) -> tuple[nnx.State, nnx.State]:
+    """Copies of a model's parameters and BatchNorm statistics with their `backbone` subtree
+    taken from `source` (every key and shape must fit); the rest (a head) stays as it is."""
+    name = checkpointing.BACKBONE
+
+    def put(tree: nnx.State, loaded: dict[str, np.ndarray], what: str) -> nnx.State:
+        pure = nnx.to_pure_dict(tree)
+        pure[name] = checkpointing.assign_backbone(pure[name], loaded, what=what,
+                                                   source=source.path)
+        new = jax.tree.map(lambda x: x, tree)  # a copy with the same Variable structure
+        nnx.replace_by_pure_dict(new, pure)
+        return new
+
+    return (put(params, source.params, "parameters"),
+            put(batch_stats, source.batch_stats, "BatchNorm statistics"))
+
+
 def init_backbone(
     state: TrainState, source: checkpointing.BackboneCheckpoint
 ) -> TrainState:
@@ -347,20 +369,8 @@ def init_backbone(
 
     Everything else (the new head, the optimizer state) stays as initialised.
     """
-    name = checkpointing.BACKBONE
-
-    def put(tree: nnx.State, loaded: dict[str, np.ndarray], what: str) -> nnx.State:
-        pure = tree.to_pure_dict()
-        pure[name] = checkpointing.assign_backbone(pure[name], loaded, what=what,
-                                                   source=source.path)
-        new = jax.tree.map(lambda x: x, tree)  # a copy with the same Variable structure
-        nnx.replace_by_pure_dict(new, pure)
-        return new
-
-    return state.replace(
-        params=put(state.params, source.params, "parameters"),
-        batch_stats=put(state.batch_stats, source.batch_stats, "BatchNorm statistics"),
-    )
+    params, batch_stats = with_backbone(state.params, state.batch_stats, source)
+    return state.replace(params=params, batch_stats=batch_stats)
 
 
 def init_state(
