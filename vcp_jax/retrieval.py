@@ -118,8 +118,8 @@ class Embedder(nnx.Module):
     """A backbone as a video embedder: `(B, K, T, S, S, 3)` clips in [0, 1] -> `(B, D)`.
 
     A video's feature is the mean of its K clip features. The backbone sits under the name
-    every model gives it (`checkpointing.BACKBONE`), so a checkpoint's backbone loads as into
-    any other model.
+    every model gives it (`checkpointing.BACKBONE`), so a checkpoint's backbone loads into it
+    as into the pretraining and fine-tuning models (`trainer.with_backbone`).
     """
 
     def __init__(self, backbone: nnx.Module, feature: str):
