@@ -282,6 +282,14 @@ class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registra
             path.write_text(json.dumps(self._report, indent=2) + "\n")
             print(summary_lib.format_summary(self._report, path))
 
+    # TFDS announces "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+    # prepared" in bold: nothing is downloaded here, and the summary above says what was built.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     # --- data location ------------------------------------------------------------------------
 
     def locate_data(self, manual_dir: Path) -> Located:

@@ -174,6 +174,7 @@ def prepare(data: ml_collections.ConfigDict) -> None:
     # Every other key of `data.synthetic` is an argument of `synthetic.generate`.
     not_generate_args = ("manual_dir", "build_workers")
     options = {k: v for k, v in synthetic_config.items() if k not in not_generate_args}
+    tfds.disable_progress_bar()  # the builder shows its own bar per split; TFDS's add noise
     try:
         synthetic.generate(manual_dir, **options)  # skips the work when it is already there
     except ValueError as e:  # e.g. the folder holds a synthetic dataset of other parameters

@@ -2,7 +2,8 @@
 
 Runs the stage that `config.task` names (pretrain, finetune, retrieval, probe or demo). The
 console shows progress bars, one line per evaluation and a final summary; library logs (Orbax,
-grain, absl) go to `DIR/log.txt` (`--verbosity=1` shows them on the console too). A user error
+grain, TFDS, JAX) go to `DIR/log.txt`, and only their errors to the console (`--verbosity=1`
+shows their info and warnings there too). A user error
 (an unknown config key, a dataset that is not built, a missing checkpoint) ends with one message
 and exit status 2, never a traceback.
 
@@ -45,10 +46,11 @@ def run_task(config: Any, workdir: str | Path) -> dict[str, Any]:
 
 
 def setup_logging(workdir: Path, verbosity: int) -> Path:
-    """Library logs to `workdir/log.txt`; the console only gets warnings unless `verbosity` > 0.
-
-    Process 0 writes `log.txt`, every other process `log.<index>.txt`.
-    """
+    """Library logs to `workdir/log.txt`; the console gets only their errors unless `verbosity`
+    is 1 (info) or more. Process 0 writes `log.txt`, every other process `log.<index>.txt`."""
+    # Quiet the console before anything initialises a JAX backend (which logs at INFO).
+    console_level = {0: logging.ERROR, 1: logging.INFO}.get(max(verbosity, 0), logging.DEBUG)
+    absl_logging.get_absl_handler().setLevel(console_level)
     import jax  # noqa: PLC0415 - after jax.distributed.initialize()
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -60,8 +62,6 @@ def setup_logging(workdir: Path, verbosity: int) -> Path:
     root = logging.getLogger()
     root.addHandler(file_handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
-    console_level = logging.WARNING if verbosity <= 0 else logging.INFO
-    absl_logging.get_absl_handler().setLevel(console_level)
     # Python warnings (deprecations from libraries) go to the log file, not the console.
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").propagate = False
