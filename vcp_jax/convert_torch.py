@@ -1,0 +1,311 @@
+"""Imports a backbone trained by the PyTorch reference code into a vcp-jax checkpoint.
+
+    python -m vcp_jax.convert_torch --arch r3d --checkpoint best_model_188.pt --out ~/runs/r3d_pt
+
+reads a `torch.save` file of [U] `BestJuly/VCP` or [V] `xudejing/video-clip-order-prediction`:
+a bare backbone (`C3D`, `R3DNet`, `R2Plus1DNet`), a backbone with its classifier (`linear.*`),
+or the VCP / VCOP wrapper (`base_network.*` plus the head `fc.*`, or `fc7.*` and `fc8.*`); the
+state dict may be wrapped in `{'state_dict': ...}` and its keys prefixed by `module.`
+(`nn.DataParallel`). The output is a backbone checkpoint (`checkpointing.save_backbone`) that
+fine-tuning, retrieval and the probe take as `init_from=DIR`; heads are dropped (listed on the
+console), `num_batches_tracked` is ignored. The width is read from the checkpoint.
+
+Layouts: conv weights OIDHW -> DHWIO (`nnx.Conv`'s kernel), BatchNorm `weight`, `bias`,
+`running_mean`, `running_var` -> `scale`, `bias`, `mean`, `var`. The key table is derived from
+the vcp-jax model itself (`nnx.eval_shape` of `models.create_backbone`), so a key the model does
+not have, a key the checkpoint lacks, or a shape that differs is an error that names the key.
+
+torch is needed by this command only (`pip install torch`); nothing else in vcp-jax imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from vcp_jax import checkpointing, models
+from vcp_jax.config_utils import UserError
+
+# Top-level modules of the reference heads, which are dropped: [U]'s VCPN, [V]'s VCOPN (and its
+# RNN variant), and the classifier inside the backbone classes (`with_classifier=True`).
+WRAPPER_HEADS = ("fc", "fc7", "fc8", "lstm", "gru")
+CLASSIFIER_HEADS = ("linear",)
+WRAPPER_PREFIX = "base_network."
+DATA_PARALLEL_PREFIX = "module."
+IGNORED_SUFFIX = "num_batches_tracked"
+
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+         "var": "running_var"}
+_RESNET_MODULES = {"downsample_conv": "downsampleconv", "downsample_bn": "downsamplebn",
+                   "spatial": "spatial_conv", "temporal": "temporal_conv"}
+# A key that only one reference architecture has, to say which one a checkpoint holds.
+_SIGNATURES = {"c3d": "conv3a.weight", "r3d": "conv1.temporal_spatial_conv.weight",
+               "r21d": "conv1.spatial_conv.weight"}
+
+
+class ConversionError(UserError):
+    """The checkpoint does not fit the architecture; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One backbone variable: its vcp-jax path ('layers/1/0/bn1/mean'), collection and shape."""
+
+    path: str
+    collection: str  # 'params' or 'batch_stats'
+    shape: tuple[int, ...]  # vcp-jax layout (DHWIO kernels)
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        return to_torch_layout_shape(self.shape)
+
+
+def torch_key(arch: str, path: str) -> str:
+    """The reference's state-dict key of the vcp-jax backbone variable at `path`.
+
+    C3D: 'conv3a/conv/kernel' -> 'conv3a.weight', 'conv3a/bn/mean' -> 'bn3a.running_mean'.
+    R3D: 'layers/1/0/downsample_conv/kernel' -> 'conv3.block1.downsampleconv.
+    temporal_spatial_conv.weight'. R(2+1)D: 'conv1/spatial/kernel' -> 'conv1.spatial_conv.weight'.
+    Block j > 0 of a stage is the reference's `blocks.{j-1}` (block 0 is `block1`).
+    """
+    *modules, leaf = path.split("/")
+    if arch == "c3d":
+        unit, part = modules  # ('conv3a', 'conv' | 'bn')
+        return f"{unit if part == 'conv' else 'bn' + unit[len('conv'):]}.{_LEAF[leaf]}"
+    out = []
+    if modules[0] == "layers":
+        stage, block = int(modules[1]), int(modules[2])
+        out += [f"conv{stage + 2}", "block1" if block == 0 else f"blocks.{block - 1}"]
+        modules = modules[3:]
+    out += [_RESNET_MODULES.get(m, m) for m in modules]
+    if arch == "r3d" and modules[-1] in ("conv1", "conv2", "downsample_conv"):
+        out.append("temporal_spatial_conv")  # R3D's conv wrapper around one nn.Conv3d
+    return ".".join([*out, _LEAF[leaf]])
+
+
+@functools.cache
+def key_table(arch: str, width: int) -> dict[str, Entry]:
+    """`{torch key: Entry}` for every variable of vcp-jax's `arch` backbone at `width`.
+
+    Built from the model's abstract shapes (nothing is allocated), so it follows the model.
+    """
+    if arch not in models.ARCHS:
+        raise ConversionError(f"unknown arch {arch!r}; expected one of {models.ARCHS}")
+    abstract = nnx.eval_shape(lambda: models.create_backbone(arch, rngs=nnx.Rngs(0), width=width))
+    table = {}
+    for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+        pure = nnx.state(abstract, kind).to_pure_dict()
+        for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
+            flat = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            table[torch_key(arch, flat)] = Entry(flat, collection, tuple(leaf.shape))
+    return table
+
+
+def to_jax_layout(value: np.ndarray) -> np.ndarray:
+    """A conv weight OIDHW -> DHWIO; vectors unchanged."""
+    return np.transpose(value, (2, 3, 4, 1, 0)) if value.ndim == 5 else value
+
+
+def to_torch_layout_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The inverse of `to_jax_layout` on a shape: DHWIO -> OIDHW."""
+    shape = tuple(shape)
+    return (shape[4], shape[3], *shape[:3]) if len(shape) == 5 else shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """A converted backbone: nested pure dicts as `nnx.state(...).to_pure_dict()` gives them."""
+
+    arch: str
+    width: int
+    params: dict[str, Any]
+    batch_stats: dict[str, Any]
+    dropped: tuple[str, ...]  # head keys, as named in the checkpoint
+    wrapper: bool  # the checkpoint was a VCP / VCOP model (`base_network.` keys)
+
+
+def _strip_data_parallel(key: str) -> str:
+    while key.startswith(DATA_PARALLEL_PREFIX):
+        key = key[len(DATA_PARALLEL_PREFIX):]
+    return key
+
+
+def _guess_arch(keys: Sequence[str]) -> str | None:
+    found = [arch for arch, signature in _SIGNATURES.items() if signature in keys]
+    return found[0] if len(found) == 1 else None
+
+
+def _list(keys: Sequence[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def convert_state_dict(arch: str, state_dict: Mapping[str, Any], *, source: str = "the checkpoint"
+                       ) -> Converted:
+    """The vcp-jax backbone of a reference state dict (`{key: tensor or array}`).
+
+    Raises `ConversionError` naming every unknown key, every missing key, and the first shape
+    that does not fit (both shapes in PyTorch's layout). Keys are named as the file spells them.
+    """
+    if arch not in models.ARCHS:
+        raise ConversionError(f"unknown arch {arch!r}; expected one of {models.ARCHS}")
+    wrapper = any(_strip_data_parallel(k).startswith(WRAPPER_PREFIX) for k in state_dict)
+    backbone: dict[str, str] = {}  # backbone key ('conv1.weight') -> the file's key
+    dropped, unknown = [], []
+    for original in state_dict:
+        key = _strip_data_parallel(original)
+        if wrapper:
+            if not key.startswith(WRAPPER_PREFIX):
+                (dropped if key.split(".")[0] in WRAPPER_HEADS else unknown).append(original)
+                continue
+            key = _strip_data_parallel(key[len(WRAPPER_PREFIX):])
+        if key.split(".")[0] in CLASSIFIER_HEADS:
+            dropped.append(original)
+        elif not key.endswith(IGNORED_SUFFIX):
+            backbone[key] = original
+
+    if "bn1.weight" not in backbone:
+        raise ConversionError(
+            f"{source} has no backbone key 'bn1.weight' (every reference backbone has it); "
+            f"its keys: {_list(list(state_dict))}"
+        )
+    width = int(np.shape(state_dict[backbone["bn1.weight"]])[0])
+    table = key_table(arch, width)
+    unknown += [original for key, original in backbone.items() if key not in table]
+    missing = [key for key in table if key not in backbone]
+    if unknown or missing:
+        guess = _guess_arch(list(backbone))
+        hint = (f" (its keys are those of a {guess} backbone: use --arch {guess})"
+                if guess not in (None, arch) else "")
+        prefix = WRAPPER_PREFIX if wrapper else ""
+        raise ConversionError(
+            f"{source} does not fit a {arch} backbone of width {width}{hint}: "
+            + "; ".join(filter(None, [
+                f"unknown keys {_list(unknown)}" if unknown else "",
+                f"missing keys {_list([prefix + k for k in missing])}" if missing else "",
+            ]))
+        )
+
+    flat: dict[str, dict[str, np.ndarray]] = {"params": {}, "batch_stats": {}}
+    for key, entry in table.items():
+        value = _to_numpy(state_dict[backbone[key]])
+        if tuple(value.shape) != entry.torch_shape:
+            raise ConversionError(
+                f"{source}: {backbone[key]!r} has shape {tuple(value.shape)}, a {arch} backbone "
+                f"of width {width} expects {entry.torch_shape}"
+            )
+        flat[entry.collection][entry.path] = to_jax_layout(value).astype(np.float32)
+    return Converted(
+        arch=arch,
+        width=width,
+        params=_nest(flat["params"]),
+        batch_stats=_nest(flat["batch_stats"]),
+        dropped=tuple(sorted(dropped)),
+        wrapper=wrapper,
+    )
+
+
+def _nest(flat: Mapping[str, np.ndarray]) -> dict[Any, Any]:
+    """`{'layers/0/1/bn1/mean': x}` -> `{'layers': {0: {1: {'bn1': {'mean': x}}}}}`.
+
+    Digit keys become ints, as in `nnx.state(...).to_pure_dict()` of an `nnx.List`.
+    """
+    tree: dict[Any, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = (int(p) if p.isdigit() else p for p in path.split("/"))
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A copy: a state dict's tensors share memory with a live model, which may train on."""
+    if hasattr(value, "detach"):  # a torch.Tensor
+        value = value.detach().cpu().float().numpy()
+    return np.array(value)
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """The state dict in a `torch.save` file: bare, or under 'state_dict' / 'model_state_dict'.
+
+    Loaded with `weights_only=True` (tensors and plain containers; no code runs).
+    """
+    try:
+        import torch  # noqa: PLC0415 - optional dependency, this command only
+    except ImportError:
+        raise UserError("convert_torch needs PyTorch: pip install torch") from None
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConversionError(f"--checkpoint {path} is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything unreadable is the same user error
+        raise ConversionError(f"cannot read {path} as a torch.save file: {e}") from e
+    while isinstance(obj, Mapping) and not any(hasattr(v, "shape") for v in obj.values()):
+        inner = next((obj[k] for k in ("state_dict", "model_state_dict") if k in obj), None)
+        if inner is None:
+            raise ConversionError(
+                f"{path} holds no state dict: a dict with the keys {_list(list(obj))} and no "
+                "'state_dict' or 'model_state_dict' entry"
+            )
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def convert(arch: str, checkpoint: str | Path, out: str | Path) -> tuple[Converted, Path]:
+    """Converts the file `checkpoint` and writes the backbone checkpoint into the folder `out`.
+
+    Returns the conversion and the step folder written.
+    """
+    converted = convert_state_dict(arch, load_state_dict(checkpoint), source=str(checkpoint))
+    step_dir = checkpointing.save_backbone(
+        out,
+        params=converted.params,
+        batch_stats=converted.batch_stats,
+        config={"model": {"arch": arch, "width": converted.width}, "task": "convert_torch",
+                "source": str(Path(checkpoint).expanduser().absolute())},
+    )
+    return converted, step_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vcp_jax.convert_torch", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--arch", required=True, choices=models.ARCHS)
+    parser.add_argument("--checkpoint", required=True, help="a torch.save file (.pt / .pth)")
+    parser.add_argument("--out", required=True, help="the folder to write (init_from=OUT)")
+    args = parser.parse_args(argv)
+    if (Path(args.out).expanduser() / checkpointing.CHECKPOINTS_DIR).exists():
+        print(f"error: {args.out} already holds checkpoints; choose a new --out", file=sys.stderr)
+        return 2
+    try:
+        converted, step_dir = convert(args.arch, args.checkpoint, args.out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(converted.params))
+    kind = "VCP/VCOP model" if converted.wrapper else "backbone"
+    print(f"converted the {kind} in {args.checkpoint}: {args.arch} width {converted.width}, "
+          f"{n:,} parameters")
+    if converted.dropped:
+        print(f"dropped (heads): {', '.join(converted.dropped)}")
+    print(f"wrote {step_dir}; use it with init_from={Path(args.out).expanduser().absolute()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
