@@ -8,7 +8,8 @@ the jit strategy sees the whole sharded batch, the pmap strategy averages them o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import collections
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import jax
@@ -121,6 +122,29 @@ class PmapStrategy:
         if jax.process_count() == 1:
             return local
         return multihost_utils.process_allgather(local, tiled=True)
+
+
+def prefetch_to_device(
+    iterator: Iterator[dict[str, np.ndarray]], strategy: Strategy, size: int = 2
+) -> Iterator[Any]:
+    """Yields the batches of `iterator` placed on the devices, `size` batches ahead.
+
+    Transfers are asynchronous: while the step of batch k runs, batches k+1 .. k+size are already
+    on their way to the devices (the Flax examples' `prefetch_to_device`, for jit and pmap alike).
+    """
+    queue: collections.deque[Any] = collections.deque()
+
+    def enqueue(n: int) -> None:
+        for _ in range(n):
+            try:
+                queue.append(strategy.put_batch(next(iterator)))
+            except StopIteration:
+                return
+
+    enqueue(max(size, 1))
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
 
 
 def make_strategy(name: str) -> JitStrategy | PmapStrategy:

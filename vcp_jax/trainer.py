@@ -426,6 +426,7 @@ class LoopResult:
     val_metrics: Metrics
     best_step: int | None
     start_step: int
+    timing: dict[str, float]  # where the loop's wall time went (see `train_loop`)
 
 
 def train_loop(
@@ -445,43 +446,73 @@ def train_loop(
     """Trains from `start_step` to `config.num_train_steps`: log, evaluate, checkpoint.
 
     `state` is already placed on the devices; `evaluate(state)` returns validation metrics
-    (`val_loss` decides the best checkpoint). Metrics are fetched from the devices only every
-    `log_every_steps`, so the host never waits for a step to finish in between.
+    (`val_loss` decides the best checkpoint). The next `config.prefetch_to_device` batches are
+    placed on the devices while a step runs, and metrics are fetched from the devices only every
+    `log_every_steps`, so the host does not wait for a step to finish in between. The timing
+    (logged as `train/input_wait_fraction`, returned in `LoopResult.timing`) separates the first
+    step (compilation), the time the loop waited for input, evaluation and checkpointing.
     """
     is_main = jax.process_index() == 0
     bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit="step", desc=desc,
                     disable=not is_main, dynamic_ncols=True, leave=True)
     lr_schedule = learning_rate_schedule(config)  # for logging; the optimizer holds its own
+    batches = parallel.prefetch_to_device(train_iter, strategy,
+                                          size=config.get("prefetch_to_device", 2))
     val_metrics: Metrics = {}
     recent: list[Any] = []
-    window_start = time.perf_counter()
+    timing = dict.fromkeys(("first_step_seconds", "train_seconds", "input_wait_seconds",
+                            "eval_seconds", "checkpoint_seconds"), 0.0)
+    timing["train_steps"] = 0
+    loop_start = window_start = time.perf_counter()
+    window_wait = window_other = 0.0  # input wait; evaluation and saving (not training time)
     for step in range(start_step + 1, config.num_train_steps + 1):
-        batch = strategy.put_batch(next(train_iter))
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - t0
         state, metrics = train_fn(state, batch)
-        recent.append(metrics)
+        if step == start_step + 1:  # compilation: timed alone, kept out of the rates
+            jax.block_until_ready(metrics)
+            timing["first_step_seconds"] = time.perf_counter() - t0
+            window_start, window_wait, window_other = time.perf_counter(), 0.0, 0.0
+        else:
+            window_wait += waited
+            timing["input_wait_seconds"] += waited
+            timing["train_steps"] += 1
+            recent.append(metrics)
         bar.update()
         is_last = step == config.num_train_steps
-        if step % config.log_every_steps == 0 or is_last:
-            fetched = [strategy.fetch(m) for m in recent]
+        if (step % config.log_every_steps == 0 or is_last) and recent:
+            fetched = [strategy.fetch(m) for m in recent]  # waits for the last step
+            elapsed = time.perf_counter() - window_start - window_other
             summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            summary["steps_per_second"] = len(recent) / (time.perf_counter() - window_start)
+            summary["steps_per_second"] = len(recent) / elapsed
+            summary["input_wait_fraction"] = window_wait / elapsed
             summary["learning_rate"] = float(lr_schedule(step - 1))
             bar.set_postfix({k: f"{summary[k]:.3f}" for k in ("loss", "accuracy")
                              if k in summary})
             reporting.write_scalars(writer, step, summary, prefix="train/")
-            recent, window_start = [], time.perf_counter()
+            timing["train_seconds"] += elapsed
+            recent, window_wait, window_other = [], 0.0, 0.0
+            window_start = time.perf_counter()
         evaluated = step % config.eval_every_steps == 0 or is_last
         if evaluated:
+            t0 = time.perf_counter()
             val_metrics = evaluate(state)
+            timing["eval_seconds"] += time.perf_counter() - t0
+            window_other += time.perf_counter() - t0
             reporting.write_scalars(writer, step, val_metrics)
             if is_main:
                 bar.write(eval_line(step, val_metrics))
         if step % config.checkpoint_every_steps == 0 or is_last:
+            t0 = time.perf_counter()
             checkpoints.save(step, strategy.get_state(state),
                              metrics=val_metrics if evaluated else None)
+            timing["checkpoint_seconds"] += time.perf_counter() - t0
+            window_other += time.perf_counter() - t0
     bar.close()
     checkpoints.wait()
-    return LoopResult(state, val_metrics, checkpoints.best_step(), start_step)
+    timing["total_seconds"] = time.perf_counter() - loop_start
+    return LoopResult(state, val_metrics, checkpoints.best_step(), start_step, timing)
 
 
 def eval_line(step: int, metrics: Metrics) -> str:
