@@ -188,7 +188,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any], *, source: str 
                 if guess not in (None, arch) else "")
         prefix = WRAPPER_PREFIX if wrapper else ""
         raise ConversionError(
-            f"{source} does not fit a {arch} backbone of width {width}{hint}: "
+            f"{source} does not fit the {arch} backbone of width {width}{hint}: "
             + "; ".join(filter(None, [
                 f"unknown keys {_list(unknown)}" if unknown else "",
                 f"missing keys {_list([prefix + k for k in missing])}" if missing else "",
@@ -200,7 +200,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any], *, source: str 
         value = _to_numpy(state_dict[backbone[key]])
         if tuple(value.shape) != entry.torch_shape:
             raise ConversionError(
-                f"{source}: {backbone[key]!r} has shape {tuple(value.shape)}, a {arch} backbone "
+                f"{source}: {backbone[key]!r} has shape {tuple(value.shape)}, the {arch} backbone "
                 f"of width {width} expects {entry.torch_shape}"
             )
         flat[entry.collection][entry.path] = to_jax_layout(value).astype(np.float32)
