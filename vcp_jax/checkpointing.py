@@ -101,8 +101,13 @@ class RunCheckpoints:
         return self.restore_state(state, step), int(step)
 
     def restore_state(self, state: Any, step: int) -> Any:
-        """The state of checkpoint `step`, e.g. the best one for the final test."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        """The state of checkpoint `step` as host numpy arrays (the strategy places them).
+
+        `state` gives the structure, shapes and dtypes. Host arrays, not device arrays, because
+        the devices that saved a checkpoint are not always this run's (another host count, or
+        an array committed to one host's device, which other hosts cannot read).
+        """
+        abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), state)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )

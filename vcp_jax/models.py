@@ -160,8 +160,9 @@ class BatchNorm(nnx.Module):
     were flattened from `(B, N, ...)` gives each clip position its own statistics: exactly what
     [U]'s VCP model computes by calling the backbone once per position (SPEC section 2).
 
-    `axis_name` (pmap, shard_map): the per-group mean and mean of squares are averaged over the
-    axis, so the statistics are those of the global batch and `n` counts every device's rows.
+    `axis_name` (pmap, shard_map): the per-group mean, then the mean squared deviation from it,
+    are averaged over the axis, so the statistics are those of the global batch and `n` counts
+    every device's rows.
     Under `jax.jit` on a mesh the batch is one global array and nothing is needed.
 
     Inference mode (`model.eval()`): the running statistics, whatever `batch_groups` is.
@@ -212,17 +213,21 @@ class BatchNorm(nnx.Module):
             raise ValueError(f"BatchNorm: {rows} rows do not split into {groups} groups")
         xg = x32.reshape(rows // groups, groups, *x.shape[1:])  # (R/G, G, ..., C)
         axes = (0, *range(2, xg.ndim - 1))
-        # One pass (E[x^2] - E[x]^2, as Flax's default), so pmap needs a single collective.
-        moments = jnp.stack([xg.mean(axes), jnp.square(xg).mean(axes)])  # (2, G, C)
+        # Two passes (the mean, then the mean squared deviation from it), as PyTorch: the one-
+        # pass E[x^2] - E[x]^2 cancels catastrophically when a group's variance is small next
+        # to its mean, which made training steps depend on the reduction order (1 vs 2 hosts).
         count = math.prod(xg.shape[i] for i in axes)
+        mean = xg.mean(axes)  # (G, C)
         if self.axis_name is not None:
-            moments = jax.lax.pmean(moments, self.axis_name)
+            mean = jax.lax.pmean(mean, self.axis_name)
+        bshape = (1, groups) + (1,) * (xg.ndim - 3) + (x.shape[-1],)
+        var = jnp.square(xg - mean.reshape(bshape)).mean(axes)  # biased, (G, C)
+        if self.axis_name is not None:
+            var = jax.lax.pmean(var, self.axis_name)
             count *= jax.lax.axis_size(self.axis_name)
         if count < 2:
             # PyTorch refuses too: the unbiased variance of one value is undefined.
             raise ValueError(f"BatchNorm needs more than 1 value per channel, got {count}")
-        mean = moments[0]  # (G, C)
-        var = jnp.maximum(moments[1] - jnp.square(mean), 0.0)
 
         running_mean, running_var = self.mean[...], self.var[...]
         m = self.momentum
@@ -234,7 +239,6 @@ class BatchNorm(nnx.Module):
         self.mean[...] = jax.lax.stop_gradient(running_mean).astype(self.mean[...].dtype)
         self.var[...] = jax.lax.stop_gradient(running_var).astype(self.var[...].dtype)
 
-        bshape = (1, groups) + (1,) * (xg.ndim - 3) + (x.shape[-1],)
         mul = scale * jax.lax.rsqrt(var + self.epsilon)  # (G, C)
         y = (xg - mean.reshape(bshape)) * mul.reshape(bshape) + bias
         return y.reshape(x.shape).astype(self.dtype)
