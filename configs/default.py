@@ -1,4 +1,4 @@
-"""The VCP pretraining recipe of the paper's reference code ([U], SPEC 3), on UCF101 split 1.
+"""The VCP pretraining recipe of the reference code ([U], docs/method.md §3) on UCF101 split 1.
 
 Other configs import this one and override a few fields; the command line overrides single
 fields: `python main.py --config configs/pretrain_r3d.py --config.batch_size=64`.
@@ -21,13 +21,13 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     config.data.name = "ucf101_frames"  # built with `python -m tfds_builders.build`
     config.data.config = "split1"  # frames stored at 128x171
     config.data.data_dir = "~/tensorflow_datasets"
-    config.data.num_val_videos = 800  # held out of the train split for validation (SPEC 3)
+    config.data.num_val_videos = 800  # train videos held out for validation (docs/method.md §3)
     config.data.crop_size = 112
     config.data.num_threads = 16  # JPEG-decoding threads per host
     config.data.num_workers = 0  # extra grain processes (0: threads only)
     config.data.synthetic = None  # a ConfigDict here generates a synthetic dataset (see demo)
 
-    config.cloze = cloze.default_config()  # clip_len 16, interval 8, the 5 options (SPEC 1)
+    config.cloze = cloze.default_config()  # clip_len 16, interval 8, 5 options (docs/method.md §1)
 
     config.model = ml_collections.ConfigDict()
     config.model.arch = arch  # 'c3d', 'r3d' or 'r21d'
@@ -41,9 +41,9 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     # XLA's native 3D convs on GPU/TPU; 'native' or 'conv2d' force one (same parameters).
     config.model.conv_impl = "auto"
 
-    # SGD, momentum 0.9, L2 5e-4 before momentum, lr 0.01 constant, batch 8 (SPEC 3). With
-    # `scale_with_batch` the rate grows linearly with the global batch: 0.01 * batch_size / 8
-    # (e.g. batch 64 on 8 GPUs -> lr 0.08); add warm-up steps for large batches.
+    # SGD, momentum 0.9, L2 5e-4 before momentum, lr 0.01 constant, batch 8 (docs/method.md
+    # §3). With `scale_with_batch` the rate grows linearly with the global batch: 0.01 *
+    # batch_size / 8 (e.g. batch 64 on 8 GPUs -> lr 0.08); add warm-up steps for large batches.
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 0.01
     config.optimizer.base_batch_size = 8

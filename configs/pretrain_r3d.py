@@ -1,4 +1,4 @@
-"""VCP pretraining of R3D on UCF101 split 1 with the paper's recipe (SPEC 3)."""
+"""VCP pretraining of R3D on UCF101 split 1 with the paper's recipe (docs/method.md §3)."""
 
 import ml_collections
 

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 from tests import torch_reference as ref  # noqa: E402 - needs torch
 
 WIDTH = 4
-EXPECTED_PARAMS = {"c3d": 27_661_440, "r3d": 14_361_792, "r21d": 14_365_303}  # SPEC 2
+EXPECTED_PARAMS = {"c3d": 27_661_440, "r3d": 14_361_792, "r21d": 14_365_303}  # docs/method.md §2
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_NAME = "build_report.json"
-# A VCP pretraining tuple: 3 clips of 16 frames with gaps of 8 frames (SPEC 1): 3*16 + 2*8.
+# A VCP pretraining tuple: 3 clips of 16 frames, gaps of 8 (docs/method.md §1): 3*16 + 2*8.
 TUPLE_FRAMES = 64
 _LISTED_IN_CONSOLE = 8  # skipped or short videos named in the console; the report has all
 

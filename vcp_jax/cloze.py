@@ -17,7 +17,7 @@ draw uniformly from the other allowed options.
 Every option is a re-indexing of the blank (or of the remote clip): a frame map over
 `[blank; remote]` (T,) and a pixel map over the H*W positions of a frame (H*W,). Both are rows
 of small constant tables chosen per sample, so the whole cloze is two batched gathers, pure and
-jittable (SPEC section 1).
+jittable (docs/method.md §1).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ _SWAP_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The cloze section of the pretraining config, with the SPEC defaults."""
+    """The cloze section of the pretraining config, with the defaults of docs/method.md §1."""
     return ml_collections.ConfigDict(
         {
             "clip_len": 16,  # frames per clip (T)

@@ -3,7 +3,7 @@
 Flax NNX modules on NTHWC video, a clip being `(B, T, H, W, C)` = `(B, 16, 112, 112, 3)`. They
 follow the PyTorch reference code ([U] `BestJuly/VCP`, [V] `xudejing/video-clip-order-prediction`,
 which use NCTHW) layer for layer, so parameter counts, feature-map shapes and the initial weight
-distribution match the reference (SPEC section 2):
+distribution match the reference (docs/method.md §2):
 
 =========  ====================  ==========================================================
 backbone   learnable parameters  stage maps, T x H (16x112x112 input)
@@ -158,7 +158,7 @@ class BatchNorm(nnx.Module):
 
     One group is plain batch normalisation. `G = N` on a `(B * N, ...)` batch of tuples that
     were flattened from `(B, N, ...)` gives each clip position its own statistics: exactly what
-    [U]'s VCP model computes by calling the backbone once per position (SPEC section 2).
+    [U]'s VCP model computes by calling the backbone once per position (docs/method.md §2).
 
     `axis_name` (pmap, shard_map): the per-group mean, then the mean squared deviation from it,
     are averaged over the axis, so the statistics are those of the global batch and `n` counts

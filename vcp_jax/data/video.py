@@ -1,7 +1,7 @@
 """Video decoding for the dataset builders: PyAV decode, OpenCV resize, JPEG encode.
 
 Frames are streamed (decode -> resize -> encode one at a time), so a long video never sits in
-memory at full resolution. The real-data pitfalls of UCF101/HMDB51 (SPEC section 6) are handled
+memory at full resolution. The real-data pitfalls of UCF101/HMDB51 (docs/method.md §6) are handled
 here: non-UTF-8 stream titles, audio streams, wrong header frame counts, varying sizes and rates.
 """
 
@@ -23,8 +23,8 @@ RESIZE_METHODS = {
     "bicubic": cv2.INTER_CUBIC,
 }
 
-# DivX files with packed B-frames announce one frame more than they decode (SPEC 6); a file that
-# decodes noticeably fewer frames than its header announces was cut short.
+# DivX files with packed B-frames announce one frame more than they decode (docs/method.md
+# §6); a file that decodes noticeably fewer frames than its header announces was cut short.
 _HEADER_SLACK_FRAMES = 2
 
 
