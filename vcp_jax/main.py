@@ -102,10 +102,25 @@ def parse_flags(argv: list[str]) -> list[str]:
         return FLAGS(config_paths.resolve_config_flag(argv))
     except flags.Error as e:
         message = str(e)
+        if "Error whilst parsing config file" in message:
+            # ml_collections puts the config file's whole traceback in the message: keep the
+            # error itself (e.g. "ValueError: dataset='kinetics': choose one of [...]").
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            message = f"{argv_config(argv)}: {lines[-1]}"
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is absent
         message = config_utils.unknown_override_message(argv, e)
     sys.stderr.write(f"error: {message}\nPass --helpshort or --helpfull to see the flags.\n")
     sys.exit(2)
+
+
+def argv_config(argv: list[str]) -> str:
+    """The `--config` value of a command line, for messages."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "--config"
 
 
 def run() -> None:
