@@ -137,7 +137,7 @@ def make_torch_step(torch: Any, width: int, crop: int, clip_len: int, batch_size
 
 
 def make_jax_step(width: int, crop: int, clip_len: int, batch_size: int, conv_impl: str,
-                  dtype: str) -> tuple[Callable[[], None], float]:
+                  dtype: str, arch: str = "r3d") -> tuple[Callable[[], None], float]:
     """One vcp-jax train step per call (state donated and carried); also the compile seconds."""
     import jax  # noqa: PLC0415
 
@@ -145,7 +145,7 @@ def make_jax_step(width: int, crop: int, clip_len: int, batch_size: int, conv_im
     from vcp_jax import parallel, pretrain  # noqa: PLC0415
 
     args = argparse.Namespace(width=width, crop=crop, clip_len=clip_len, batch_size=batch_size)
-    config = bench.make_config(args, "r3d", dtype, conv_impl)
+    config = bench.make_config(args, arch, dtype, conv_impl)
     pretrain.validate_config(config)
     state, ctx = pretrain.create_train_state(config)
     strategy = parallel.JitStrategy()
