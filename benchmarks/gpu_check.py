@@ -549,8 +549,10 @@ def report(rows: list[dict[str, Any]]) -> str:
     env = [r for r in rows if r.get("kind") == "env"]
     steps = [r for r in rows if r.get("kind") == "step"]
     convs = [r for r in rows if r.get("kind") == "conv"]
-    e2e = {(r.get("arch"), r.get("dtype"), r.get("batch")): r for r in rows
-           if r.get("kind") == "e2e"}
+    e2e_rows = [r for r in rows if r.get("kind") == "e2e"]
+    # The real loop's input wait (its real-input row with the most threads) per step row.
+    e2e = {(r.get("arch"), r.get("dtype"), r.get("batch")): r for r in e2e_rows
+           if r.get("input") == "real"}
     out = []
     if env:
         e = env[-1]
@@ -592,8 +594,16 @@ def report(rows: list[dict[str, Any]]) -> str:
         for (arch, dtype, batch), r in sorted(best.items()):
             out.append(f"  {arch} {dtype} batch {batch}: {r['conv']} "
                        f"({r['tuples_s']:.1f} tuples/s)")
-    out.append("\ninput wait: the end-to-end loop (input pipeline on all host cores) is not "
-               "part of this check yet; see the END-TO-END section of gpu_check.sh.")
+    if e2e_rows:
+        out.append("\nThe training loop end to end (benchmarks/loop.py: synthetic videos, the real "
+                   "input pipeline; fake = the first batch repeated, no decoding):")
+        keys = ["task", "arch", "dtype", "batch", "input", "threads", "prefetch", "steps/s",
+                "tuples_s", "input wait", "step ms (loop)", "step ms (alone)", "loop / step",
+                "compile s", "MFU %", "cpu/wall"]
+        out.append(_common.table(keys, [[_blank(r.get(k)) for k in keys] for r in e2e_rows]))
+    else:
+        out.append("\ninput wait: no end-to-end loop rows (the loop phase did not run or "
+                   "failed; see its log above).")
     return "\n".join(out)
 
 

@@ -36,7 +36,12 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     assert {r["impl"] for r in convs} == {"native", "conv2d_mm"}
     assert all(r["status"] == "ok" and r["wgrad_ms"] > 0 for r in convs), convs
     assert [r["kind"] for r in rows].count("env") == 1
+    # The training loop end to end on the tiny synthetic videos: real input and fake input.
+    loops = {r["input"]: r for r in rows if r["kind"] == "e2e"}
+    assert set(loops) == {"real", "fake"}, log
+    for r in loops.values():
+        assert r["tuples_s"] > 0 and 0 <= r["input wait"] <= 1 and r["step ms (alone)"] > 0, r
 
     table = (tmp_path / "table.txt").read_text()
-    for column in ("tuples/s", "step ms", "MFU %", "input wait"):
+    for column in ("tuples/s", "step ms", "MFU %", "input wait", "loop / step"):
         assert column in table, table

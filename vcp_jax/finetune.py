@@ -332,6 +332,7 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
         "backbone": source.describe() if source is not None else "random init (or resumed)",
         "label": label,
         "test": test,
+        "loop_timing": result.timing,  # this run's loop (a resumed run: since the resume)
     }
     reporting.write_json(workdir / "confusion.json", {
         "label": label, "class_names": list(data.class_names),

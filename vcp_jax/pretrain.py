@@ -330,6 +330,7 @@ def train_vcp(
         "num_too_short": data.num_too_short,
         "chance_accuracy": 1.0 / ctx.task.num_classes,
         "option_names": list(names),
+        "loop_timing": result.timing,  # this run's loop (a resumed run: since the resume)
     }
     if frozen_backbone:
         best = result.state

@@ -460,11 +460,12 @@ def train_loop(
                                           size=config.get("prefetch_to_device", 2))
     val_metrics: Metrics = {}
     recent: list[Any] = []
-    timing = dict.fromkeys(("first_step_seconds", "train_seconds", "input_wait_seconds",
-                            "eval_seconds", "checkpoint_seconds"), 0.0)
+    timing = dict.fromkeys(("first_step_seconds", "train_seconds", "train_cpu_seconds",
+                            "input_wait_seconds", "eval_seconds", "checkpoint_seconds"), 0.0)
     timing["train_steps"] = 0
     loop_start = window_start = time.perf_counter()
-    window_wait = window_other = 0.0  # input wait; evaluation and saving (not training time)
+    window_cpu = time.process_time()  # this process's CPU time (all its threads)
+    window_wait = window_other = other_cpu = 0.0  # input wait; evaluation and saving
     for step in range(start_step + 1, config.num_train_steps + 1):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -474,6 +475,7 @@ def train_loop(
             jax.block_until_ready(metrics)
             timing["first_step_seconds"] = time.perf_counter() - t0
             window_start, window_wait, window_other = time.perf_counter(), 0.0, 0.0
+            window_cpu, other_cpu = time.process_time(), 0.0
         else:
             window_wait += waited
             timing["input_wait_seconds"] += waited
@@ -492,23 +494,26 @@ def train_loop(
                              if k in summary})
             reporting.write_scalars(writer, step, summary, prefix="train/")
             timing["train_seconds"] += elapsed
+            timing["train_cpu_seconds"] += time.process_time() - window_cpu - other_cpu
             recent, window_wait, window_other = [], 0.0, 0.0
-            window_start = time.perf_counter()
+            window_start, window_cpu, other_cpu = time.perf_counter(), time.process_time(), 0.0
         evaluated = step % config.eval_every_steps == 0 or is_last
         if evaluated:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             val_metrics = evaluate(state)
             timing["eval_seconds"] += time.perf_counter() - t0
             window_other += time.perf_counter() - t0
+            other_cpu += time.process_time() - c0
             reporting.write_scalars(writer, step, val_metrics)
             if is_main:
                 bar.write(eval_line(step, val_metrics))
         if step % config.checkpoint_every_steps == 0 or is_last:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             checkpoints.save(step, strategy.get_state(state),
                              metrics=val_metrics if evaluated else None)
             timing["checkpoint_seconds"] += time.perf_counter() - t0
             window_other += time.perf_counter() - t0
+            other_cpu += time.process_time() - c0
     bar.close()
     checkpoints.wait()
     timing["total_seconds"] = time.perf_counter() - loop_start
