@@ -26,9 +26,9 @@ import simplejpeg
 from benchmarks import _common
 from vcp_jax.data import video
 
-UCF101_FRAMES = 2.48e6  # SPEC 7: frames in UCF101 (13,320 videos)
-SPEC_ANCHORS = {"area": 1517.0, "bilinear": 3903.0}  # SPEC 7, frames/s/core
-SPEC_BYTES = {75: 4.2e3, 90: 6.5e3, 95: 8.9e3}  # SPEC 7, bytes/frame at 128x171 4:2:0
+UCF101_FRAMES = 2.48e6  # docs/method.md §7: frames in UCF101 (13,320 videos)
+SPEC_ANCHORS = {"area": 1517.0, "bilinear": 3903.0}  # docs/method.md §7, frames/s/core
+SPEC_BYTES = {75: 4.2e3, 90: 6.5e3, 95: 8.9e3}  # docs/method.md §7, bytes/frame at 128x171 4:2:0
 
 
 def find_clips(samples_dir: Path) -> dict[str, list[Path]]:
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      UCF101_FRAMES / best / 60, UCF101_FRAMES / median / 60,
                      UCF101_FRAMES / cpu_best / 60])
     print(f"UCF101 build (2.48 M frames), extrapolated from the {ref} clips:")
-    print(_common.table(["resize", "frames/s/core best", "SPEC 7 anchor", "core-min (best)",
+    print(_common.table(["resize", "frames/s/core best", "method §7 anchor", "core-min (best)",
                          "core-min (median)", "core-min (cpu-s best)"], rows))
     print()
 
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(row)
     print(f"stored size at {args.height}x{args.width}, 4:2:0, area resize (KB = 1000 bytes):")
     print(_common.table(
-        ["quality", *(f"KB/frame {n}" for n in sizes), "UCF101 GB (est.)", "SPEC 7 KB/frame"],
+        ["quality", *(f"KB/frame {n}" for n in sizes), "UCF101 GB (est.)", "method §7 KB/frame"],
         rows))
     return 0
 

@@ -1,8 +1,9 @@
 """Pretraining input-pipeline throughput (tuples/s per core) at the paper's sizes.
 
 Frames stored at 128x171 JPEG q90 (the builder's `split1` config), crop 112, clip_len 16, 3
-context clips + a remote clip (SPEC 1, 7). Builds a small dataset with the real builder from
-synthetic 320x240 videos of 150 frames in a temporary folder (or reuses `--data_dir`), then:
+context clips + a remote clip (docs/method.md §1, §7). Builds a small dataset with the real
+builder from synthetic 320x240 videos of 150 frames in a temporary folder (or reuses
+`--data_dir`), then:
 
   (a) `input_pipeline.sample_tuple` in one thread over many tuples        -> tuples/s/core
   (b) the bare JPEG decode (simplejpeg) of exactly the frames those tuples read (48, plus 16 when
@@ -15,8 +16,8 @@ synthetic 320x240 videos of 150 frames in a temporary folder (or reuses `--data_
 (a) and (b) also run on the real UCF101 sample clips of ../shared/data/samples, encoded in memory
 by `encode_video` exactly as the builder stores them, when that folder is present. Rates are given
 per wall second and per CPU second of this process (the per-core rate when other jobs share the
-machine). SPEC 7 anchors: decode bound about 215 tuples/s/core; decode + crop + stacking 176-207;
-the reference PyTorch loader 11-13.
+machine). docs/method.md §7 anchors: decode bound about 215 tuples/s/core; decode + crop +
+stacking 176-207; the reference PyTorch loader 11-13.
 
     PYTHONPATH=. python -m benchmarks.input_pipeline [--tuples 200] [--batches 20]
 """
@@ -37,9 +38,9 @@ import simplejpeg
 
 from benchmarks import _common
 
-SPEC_DECODE_BOUND = 215.0  # tuples/s/core, SPEC 7
-SPEC_DECODE_CROP = "176-207"  # tuples/s/core, SPEC 7
-SPEC_REFERENCE = 12.0  # tuples/s/core, the reference PyTorch loader (11 to 13), SPEC 7
+SPEC_DECODE_BOUND = 215.0  # tuples/s/core, docs/method.md §7
+SPEC_DECODE_CROP = "176-207"  # tuples/s/core, docs/method.md §7
+SPEC_REFERENCE = 12.0  # tuples/s/core, the reference PyTorch loader (11 to 13), docs/method.md §7
 
 
 class _RecordingFrames(list):
@@ -283,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in dict.fromkeys(r[0] for r in rows):
         a, b = by_name[name, "(a) sample_tuple"], by_name[name, "(b) JPEG decode only"]
         compare.append([name, a[4], b[4], a[4] / b[4], a[4] / SPEC_REFERENCE])
-    print("per core (best tuples per CPU second) against SPEC 7: decode bound "
+    print("per core (best tuples per CPU second) against docs/method.md §7: decode bound "
           f"{SPEC_DECODE_BOUND:.0f}, decode + crop + stack {SPEC_DECODE_CROP}, reference "
           f"PyTorch loader 11-13 tuples/s/core")
     print(_common.table(["frames", "(a) sample_tuple", "(b) decode bound", "(a)/(b)",

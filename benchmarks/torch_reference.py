@@ -1,6 +1,6 @@
 """The PyTorch reference R3D VCP train step against vcp-jax's, interleaved in one process.
 
-The reference ([U] `BestJuly/VCP`, SPEC section 2) trains R3D ("ResNet-10-3D") with a VCP head
+The reference ([U] `BestJuly/VCP`, docs/method.md §2) trains R3D ("ResNet-10-3D") with a VCP head
 in PyTorch; this script defines that model here (NCDHW, as the reference), runs its SGD step
 (forward of the 3 clip positions, one backbone call each as [U] does, cross-entropy, backward,
 SGD momentum 0.9 and weight decay 5e-4), and runs vcp-jax's real `pretrain.train_step` (cloze on
@@ -12,8 +12,8 @@ median of those ratios is the robust figure. The load average is printed with ev
 PyTorch is an optional dependency (`pip install torch`, the CPU build): without it the script
 says so and exits with status 0 after the JAX-only rows.
 
-Sizes: `paper` is 3 clips of 16x112x112 at width 64 (SPEC 2); `demo` is the synthetic demo's
-R3D (`configs/pretrain_synthetic.py`): width 8, 32x32 crops, 16-frame clips, batch 16.
+Sizes: `paper` is 3 clips of 16x112x112 at width 64 (docs/method.md §2); `demo` is the synthetic
+demo's R3D (`configs/pretrain_synthetic.py`): width 8, 32x32 crops, 16-frame clips, batch 16.
 
     PYTHONPATH=. python -m benchmarks.torch_reference --size paper --batch_size 2
     PYTHONPATH=. python -m benchmarks.torch_reference --size demo --conv_impl conv2d,native,auto
@@ -41,7 +41,8 @@ SIZES = {  # width, crop, clip_len, default batch sizes
     "demo": {"width": 8, "crop": 32, "clip_len": 16, "batch_sizes": (16,)},
 }
 NUM_CLIPS, NUM_CLASSES = 3, 5
-# SPEC 2: R3D's learnable backbone parameters at width 64; the VCP head adds 1536 * 5 + 5.
+# docs/method.md §2: R3D's learnable backbone parameters at width 64 (the VCP head adds
+# 1536 * 5 + 5).
 R3D_PARAMS_WIDTH_64 = 14_361_792
 
 
@@ -57,7 +58,7 @@ def torch_or_none() -> Any:
 
 
 def build_torch_vcp_r3d(torch: Any, width: int) -> Any:
-    """[U]'s VCP model on [V]'s R3D (`layer_sizes=(1, 1, 1, 1)`), as SPEC section 2 states it.
+    """[U]'s VCP model on [V]'s R3D (`layer_sizes=(1, 1, 1, 1)`), as docs/method.md §2 states it.
 
     conv1 3x7x7 stride (1,2,2) pad (1,3,3) + BN + ReLU (no max-pool); 4 stages of one basic
     block, widths width*(1,2,4,8), stages 3-5 downsampling by 2 in T, H, W with a 1x1x1 stride-2

@@ -56,7 +56,8 @@ PEAKS: list[tuple[str, dict[str, tuple[float, str]]]] = [
                  "float32": (197.0e12, "TPU v5e bf16 (f32 runs as bf16 passes)")}),
 ]
 
-# SPEC 7: model GFLOP of one pretraining tuple (3 clips 16x112x112, forward + backward) at width 64.
+# docs/method.md §7: model GFLOP of one pretraining tuple (3 clips 16x112x112, forward + backward)
+# at width 64.
 SPEC_GFLOP_PER_TUPLE = {"c3d": 693.0, "r3d": 358.0, "r21d": 385.0}
 SPEC_GFLOP_FORWARD = {"c3d": 77.0, "r3d": 39.8, "r21d": 42.7}  # one 16x112x112 clip
 # The paper's sizes; its batch (8 tuples) is `--batch_size`'s default, so `--paper --batch_size 64`
@@ -86,7 +87,7 @@ def xla_flops(compiled: Any) -> float:
 
 
 def forward_flops(args: argparse.Namespace, arch: str, dtype: str, conv_impl: str) -> float:
-    """XLA's FLOPs of the backbone's forward pass on one clip (eval mode), for the SPEC check."""
+    """XLA's FLOPs of the backbone's forward pass on one clip (eval mode), to check method §7."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
@@ -250,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "MFU %", "peak"], rows))
     paper = (args.width, args.crop, args.clip_len) == (64, 112, 16)
     if paper:
-        print("\nSPEC 7 model cost per tuple at these sizes (GFLOP): "
+        print("\ndocs/method.md §7 model cost per tuple at these sizes (GFLOP): "
               + ", ".join(f"{a} {SPEC_GFLOP_PER_TUPLE[a]:.0f}" for a in archs))
     if args.compile_only:
         rows = []
@@ -262,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nXLA's forward FLOPs of one clip (backbone only) and the train step's multiple of "
               "3 clips' forward:")
         print(_common.table(["arch", "dtype", "conv", "fwd GFLOP/clip", "step GFLOP/tuple",
-                             "step / (3 x fwd)", "SPEC 7 fwd GFLOP/clip"], rows))
+                             "step / (3 x fwd)", "docs/method.md §7 fwd GFLOP/clip"], rows))
     impls_seen = {r["conv"] for r in results}
     if len(impls_seen) > 1:
         print("\nspeed-up over native (native step time / this one's):")
