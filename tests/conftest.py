@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Eight simulated CPU devices for the whole session (before anything imports jax), so every test
 # of the training code runs the data-parallel path it runs on 8 GPUs.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One JAX compilation cache for the session, inherited by the processes the tests start (main.py
+# runs, the notebook's kernel, 2-process runs): a step compiled once is loaded after that, as
+# `main.py --compilation_cache` does for users. Fresh per session, so no test sees an old entry.
+# Made by the first process (pytest-xdist's workers inherit it) and removed by that one only.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE = tempfile.mkdtemp(prefix="vcp_jax_tests_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+    atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
+
+from tests.tiny_configs import TINY_DATASET_CONFIG, tiny_config  # noqa: E402, F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("VCP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -21,9 +34,6 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "samples" / "manifest.csv").is_file():
         pytest.skip(f"real test data not found at {SHARED_DATA} (see DEVELOPERS.md)")
     return SHARED_DATA
-
-
-TINY_DATASET_CONFIG = "split1_32x43"
 
 
 @pytest.fixture(scope="session")
@@ -41,29 +51,3 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build.build("ucf101_frames", manual_dir=root / "videos", data_dir=root / "tfds",
                 config=TINY_DATASET_CONFIG, num_workers=1)
     return root / "tfds"
-
-
-def tiny_config(data_dir: Path):
-    """The synthetic pretraining config shrunk for unit tests: 8-frame clips, width-4 R3D."""
-    from configs import pretrain_synthetic
-
-    config = pretrain_synthetic.get_config()
-    config.data.data_dir = str(data_dir)
-    config.data.config = TINY_DATASET_CONFIG
-    config.data.synthetic = None
-    config.data.crop_size = 24
-    config.data.num_val_videos = 4
-    config.data.num_threads = 2
-    config.cloze.clip_len = 8
-    config.cloze.interval = 4
-    config.cloze.remote_gap = 8
-    config.model.width = 4
-    config.batch_size = 8
-    config.optimizer.warmup_steps = 0
-    config.optimizer.schedule = "constant"
-    config.optimizer.learning_rate = 0.01
-    config.num_train_steps = 4
-    config.log_every_steps = 2
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
-    return config

@@ -33,7 +33,7 @@ def test_the_project_configs_keys_defaults_and_comments() -> None:
     assert "frames per clip (T)" in row(text, "default", "cloze.clip_len")
     # An override without a comment keeps the base config's; changed values are bold.
     synthetic = row(text, "pretrain_synthetic", "data.num_val_videos")
-    assert "**`40`**" in synthetic and "held out of the train split" in synthetic
+    assert "**`40`**" in synthetic and "train videos held out for validation" in synthetic
     # Comment lines right above a key, inside ConfigDict(dict(...)).
     assert "A random camera pan per video" in row(text, "pretrain_synthetic",
                                                   "data.synthetic.camera_pan")

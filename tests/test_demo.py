@@ -1,4 +1,5 @@
-"""The README's main command, end to end: the demo at its CI size (`configs/demo.py:size=tiny`).
+"""The demo as users run it, at its CI size (`configs/demo.py:size=tiny`): the README's main
+command, then the Colab notebook (notebooks/quickstart.ipynb) top to bottom.
 
 Runs `main.py` in a subprocess exactly as a user does (one CPU device: no XLA_FLAGS), with the
 generated videos, built datasets and workdir in a temporary folder: both synthetic datasets are
@@ -22,8 +23,17 @@ import pytest
 from tests.conftest import REPO_ROOT
 from vcp_jax import demo
 
+NOTEBOOK = REPO_ROOT / "notebooks" / "quickstart.ipynb"
+
 TABLE_ROWS = ("fine-tuning: video top-1", "fine-tuning: video top-5", "fine-tuning: clip top-1",
               "retrieval: top-1", "retrieval: top-5", "VCP probe: accuracy")
+
+
+@pytest.fixture(scope="module")
+def tiny_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo's `cache_dir` (generated videos, built datasets): made by the first test,
+    reused by the next, as a user's second run does (one file, so never two at once)."""
+    return tmp_path_factory.mktemp("tiny_demo_cache")
 
 
 def _run_demo(workdir: Path, cache: Path) -> str:
@@ -48,8 +58,8 @@ def _skipped(stdout: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_tiny_demo_end_to_end_and_resume(tmp_path: Path) -> None:
-    workdir, cache = tmp_path / "demo", tmp_path / "cache"
+def test_tiny_demo_end_to_end_and_resume(tmp_path: Path, tiny_demo_cache: Path) -> None:
+    workdir, cache = tmp_path / "demo", tiny_demo_cache
     stdout = _run_demo(workdir, cache)
 
     # Every stage ran, each in its own sub-workdir with its results file.
@@ -90,3 +100,43 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path: Path) -> None:
     assert _ran(stdout) == {"finetune_random"}, stdout[-3000:]
     assert _skipped(stdout) == set(demo.STAGES) - {"finetune_random"}
     assert (workdir / "finetune_random" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs_without_errors(tmp_path: Path, tiny_demo_cache: Path) -> None:
+    """notebooks/quickstart.ipynb top to bottom, smallest setting (the demo's cache reused)."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    env = {
+        "VCP_DEMO_SIZE": "tiny",
+        "VCP_DEMO_WORKDIR": str(tmp_path / "workdir"),
+        "VCP_DEMO_CACHE": str(tiny_demo_cache),
+    }
+    saved = {k: os.environ.get(k) for k in (*env, "XLA_FLAGS")}
+    os.environ.update(env)
+    os.environ.pop("XLA_FLAGS", None)  # one CPU device, as on a Colab CPU runtime
+    try:
+        client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                                         resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+        client.execute()  # raises CellExecutionError on the first failing cell
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    outputs = "".join(
+        out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+        for out in cell.get("outputs", []) if out.get("output_type") == "stream"
+    )
+    assert "VCP-rnd" in outputs  # the comparison table was printed
+    images = sum(1 for cell in notebook.cells if cell.cell_type == "code"
+                 for out in cell.get("outputs", []) if "image/png" in out.get("data", {}))
+    assert images >= 3  # the sample frames and the comparison plots, inline
+    workdir = tmp_path / "workdir"
+    assert (workdir / "report.md").is_file()
+    for stage in ("pretrain", "finetune_vcp", "finetune_random", "probe_vcp", "probe_random"):
+        assert (workdir / stage / "metrics.json").is_file(), stage
+    for stage in ("retrieval_vcp", "retrieval_random"):
+        assert (workdir / stage / "retrieval.json").is_file(), stage

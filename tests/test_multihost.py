@@ -149,21 +149,27 @@ def pretrain_reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return workdir
 
 
-@pytest.mark.parametrize("parallel", ["jit", "pmap"])
-def test_pretraining_on_2_processes_equals_1(parallel: str, data_dir: Path,
-                                             pretrain_reference: Path, tmp_path: Path) -> None:
-    workdir = tmp_path / "pretrain_2p"
-    outputs = _finish(_launch("tests/tiny_pretrain_config.py", workdir, data_dir, processes=2,
-                              parallel=parallel))
-    _assert_same_run(workdir, pretrain_reference, ("val_loss", "val_vcp_accuracy"),
-                     _initial_params("tests.tiny_pretrain_config", None))
+def _files_for_people_from_process_0(workdir: Path, outputs: list[str], launches: int = 1) -> None:
     _console_only_on_process_0(outputs, "held-out VCP accuracy")
-    # Files for people come from process 0 only; each process has its own library log.
+    # Each process has its own library log; tensorboard (one event file per launch) and
+    # provenance come from process 0.
     assert (workdir / "log.txt").is_file() and (workdir / "log.1.txt").is_file()
-    assert len(list((workdir / "tensorboard").iterdir())) == 1
+    assert len(list((workdir / "tensorboard").iterdir())) == launches
     provenance = json.loads((workdir / "provenance.json").read_text())
     assert provenance["machine"]["process_count"] == 2
     assert provenance["machine"]["device_count"] == 4
+
+
+# parallel='jit' on 2 processes is compared with 1 process by the kill-and-restart test below
+# (its resumed run's parameters at step 2), so one launch covers both.
+def test_pretraining_on_2_processes_equals_1_pmap(data_dir: Path, pretrain_reference: Path,
+                                                  tmp_path: Path) -> None:
+    workdir = tmp_path / "pretrain_2p"
+    outputs = _finish(_launch("tests/tiny_pretrain_config.py", workdir, data_dir, processes=2,
+                              parallel="pmap"))
+    _assert_same_run(workdir, pretrain_reference, ("val_loss", "val_vcp_accuracy"),
+                     _initial_params("tests.tiny_pretrain_config", None))
+    _files_for_people_from_process_0(workdir, outputs)
 
 
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
@@ -208,6 +214,7 @@ def test_killing_one_process_and_restarting_both_resumes(
     outputs = _finish(_launch("tests/tiny_pretrain_config.py", workdir, data_dir, processes=2,
                               parallel="jit", extra=extra))
     assert "resumed from the checkpoint of step" in outputs[0]
+    _files_for_people_from_process_0(workdir, outputs, launches=2)  # killed, then restarted
     # Step 2 of the resumed run is step 2 of the uninterrupted one-process run.
     initial = _strip_values(_initial_params("tests.tiny_pretrain_config", None))
     resumed = _strip_values(_params(workdir, step=STEPS))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tests.conftest import tiny_config
+from tests.tiny_configs import tiny_config
 
 
 def get_config():

@@ -110,10 +110,14 @@ def enable_compilation_cache(path: str) -> None:
     the train, eval and test steps, not the many small helper programs.
     """
     import jax  # noqa: PLC0415 - after jax.distributed.initialize()
+    from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not path:
         return
     jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    # Importing the configs may already have compiled something, and JAX decides once whether
+    # the cache is on: make it decide again.
+    compilation_cache.reset_cache()
 
 
 def parse_flags(argv: list[str]) -> list[str]:
