@@ -76,7 +76,9 @@ def make_config(task: str, args: argparse.Namespace, threads: int, prefetch: int
 
 
 class BatchRecorder:
-    """Wraps `input_pipeline.make_iterator`: keeps the first batch; in fake mode repeats it."""
+    """Wraps `input_pipeline.make_iterator` for the training stream (the call with `start`, the
+    resume step; evaluation streams pass through): keeps its first batch, in fake mode repeats it.
+    """
 
     def __init__(self, fake: bool):
         self.fake = fake
@@ -90,6 +92,8 @@ class BatchRecorder:
 
         def make_iterator(*a: Any, **kw: Any) -> Iterator[dict[str, np.ndarray]]:
             real = original(*a, **kw)
+            if "start" not in kw:  # an evaluation stream
+                return real
             self.first = next(real)
             if self.fake:  # the decoded batch again and again: no input work at all
                 return itertools.repeat(self.first)
