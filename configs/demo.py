@@ -1,6 +1,6 @@
 """The built-in demo: does VCP pretraining beat random init? Every stage, on synthetic videos.
 
-    python main.py --config configs/demo.py --workdir /tmp/vcp_demo          # ~10 min, 2 cores
+    python main.py --config configs/demo.py --workdir /tmp/vcp_demo     # ~14 min on 2 CPU cores
     python main.py --config configs/demo.py:size=tiny --workdir /tmp/tiny    # the CI test
 
 No download: two synthetic motion datasets are generated as real .avi files and built with the
