@@ -1,6 +1,6 @@
 """VCP train-step throughput per backbone and dtype: compile time, step time, tuples/s, FLOPs, MFU.
 
-Runs the real `vcp_jax.train.train_step` (cloze on the device, forward + backward of the 3 clips,
+Runs the real `vcp_jax.pretrain.train_step` (cloze on the device, forward + backward of the 3 clips,
 SGD update) compiled through `parallel.JitStrategy()` on random uint8 batches: clips
 (B, 3, T, S, S, 3), remote (B, T, S, S, 3), has_remote (B,). The config starts from
 `configs.default.get_config(arch)`. Reports the compile time, the median step time after warm-up
