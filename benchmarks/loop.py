@@ -71,7 +71,6 @@ def make_config(task: str, args: argparse.Namespace, threads: int, prefetch: int
     else:
         config.finetune.clip_len = args.clip_len
         config.finetune.num_test_clips = 2
-        config.num_epochs = None
     return config
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from tests.conftest import tiny_config
+from tests.tiny_configs import tiny_finetune_config
 from vcp_jax import (
     checkpointing,
     config_utils,
@@ -24,23 +25,7 @@ from vcp_jax import (
 
 def finetune_config(data_dir: Path, **overrides):
     """configs/finetune.py on the tiny dataset, shrunk like `tiny_config`."""
-    from configs import finetune as finetune_config_file
-
-    config = finetune_config_file.get_config("dataset=ucf101,fold=1,arch=r3d")
-    tiny = tiny_config(data_dir)
-    config.data = tiny.data
-    config.model.width = 4
-    config.batch_size = 8
-    config.finetune.clip_len = 8
-    config.finetune.num_test_clips = 3
-    config.finetune.test_batch_size = 8
-    config.num_train_steps = 2
-    config.eval_every_steps = 1
-    config.checkpoint_every_steps = 1
-    config.log_every_steps = 1
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return tiny_finetune_config(data_dir, **overrides)
 
 
 @pytest.fixture(scope="module")

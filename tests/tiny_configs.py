@@ -34,3 +34,22 @@ def tiny_config(data_dir: Path):
     config.checkpoint_every_steps = 2
     return config
 
+
+def tiny_finetune_config(data_dir: Path, **overrides):
+    """configs/finetune.py on the tiny dataset, shrunk like `tiny_config`; `overrides` by key."""
+    from configs import finetune
+
+    config = finetune.get_config("dataset=ucf101,fold=1,arch=r3d")
+    config.data = tiny_config(data_dir).data
+    config.model.width = 4
+    config.batch_size = 8
+    config.finetune.clip_len = 8
+    config.finetune.num_test_clips = 3
+    config.finetune.test_batch_size = 8
+    config.num_train_steps = 2
+    config.eval_every_steps = 1
+    config.checkpoint_every_steps = 1
+    config.log_every_steps = 1
+    for key, value in overrides.items():
+        config[key] = value
+    return config
