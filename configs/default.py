@@ -16,12 +16,23 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     # A workdir (or its checkpoints/ or one step folder) whose backbone starts this run; its
     # best-validation-loss checkpoint, else the latest. Unused when the run resumes its own.
     config.init_from = ml_collections.config_dict.placeholder(str)
+    # BatchNorm statistics of a frozen backbone (the probe, linear evaluation, retrieval;
+    # pretraining and fine-tuning train them): 'auto' re-estimates them on training clips when
+    # the backbone is random (no init_from, not resuming) and keeps a checkpoint's; 'always'
+    # re-estimates them for any backbone; 'never' keeps them (a random backbone's are then the
+    # initial mean 0, var 1, as in the reference code's protocol).
+    config.bn_recalibration = "auto"
+    config.bn_recalibration_clips = 256  # training clips the re-estimation runs on
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "ucf101_frames"  # built with `python -m tfds_builders.build`
     config.data.config = "split1"  # frames stored at 128x171
     config.data.data_dir = "~/tensorflow_datasets"
     config.data.num_val_videos = 800  # train videos held out for validation (docs/method.md §3)
+    # Fine-tuning and linear evaluation only: train on this many videos per class (None: every
+    # training video), a stratified subset of those left after the validation hold-out, drawn
+    # with `seed` (same seed, same videos, whatever the init). Retrieval keeps every video.
+    config.data.train_videos_per_class = ml_collections.config_dict.placeholder(int)
     config.data.crop_size = 112
     config.data.num_threads = 16  # JPEG-decoding threads per host
     config.data.num_workers = 0  # extra grain processes (0: threads only)

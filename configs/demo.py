@@ -7,7 +7,8 @@ No download: two synthetic motion datasets are generated as real .avi files and 
 real builders, as self-supervised learning is used in practice: VCP pretrains on many unlabelled
 videos (UCF101 layout; the labels are never read), then a classifier is fine-tuned on few
 labelled videos of a second dataset (HMDB51 layout, 70/30 splits), from the VCP checkpoint and
-from random init. Both backbones then go through retrieval and the VCP probe. The classes are
+from random init, and a linear classifier on each frozen backbone (linear evaluation). Both
+backbones then go through retrieval and the VCP probe. The classes are
 defined by motion only (direction, speed, rotation, orbit, oscillation, zoom of randomly
 textured objects): no single frame tells them apart.
 
@@ -86,7 +87,24 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
 
     if size == "tiny":
         _shrink(config)
+    config.linear = _linear(config.finetune, tiny=size == "tiny")
     return config
+
+
+def _linear(ft: ml_collections.ConfigDict, *, tiny: bool) -> ml_collections.ConfigDict:
+    """Linear evaluation: the fine-tuning stage (same videos and test) with a frozen backbone.
+
+    Derived from the final fine-tuning config; the demo gives it fine-tuning's data and test
+    protocol again (`demo.stage_configs`), so only the optimiser and the steps are its own.
+    """
+    lin = ml_collections.ConfigDict(ft.to_dict())
+    lin.finetune.freeze_backbone = True  # only the new Dense head trains
+    # A linear head on fixed features learns with a larger rate than a whole network.
+    lin.optimizer.learning_rate = 10 * ft.optimizer.learning_rate
+    lin.num_train_steps = 4 if tiny else 100
+    lin.eval_every_steps = 2 if tiny else 25
+    lin.checkpoint_every_steps = lin.eval_every_steps
+    return lin
 
 
 def _shrink(config: ml_collections.ConfigDict) -> None:

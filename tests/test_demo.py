@@ -3,7 +3,7 @@ command, then the Colab notebook (notebooks/quickstart.ipynb) top to bottom.
 
 Runs `main.py` in a subprocess exactly as a user does (one CPU device: no XLA_FLAGS), with the
 generated videos, built datasets and workdir in a temporary folder: both synthetic datasets are
-generated and built by the real builders, then all seven stages run on the real code path. The
+generated and built by the real builders, then all nine stages run on the real code path. The
 tiny size shows no effect of pretraining (a few steps on 8-frame clips); the full size's numbers
 are in benchmarks/RESULTS.md. Then the resumption contract: rerunning the same command skips
 every finished stage, and deleting one stage's result file reruns that stage only.
@@ -25,8 +25,12 @@ from vcp_jax import demo
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "quickstart.ipynb"
 
-TABLE_ROWS = ("fine-tuning: video top-1", "fine-tuning: video top-5", "fine-tuning: clip top-1",
-              "retrieval: top-1", "retrieval: top-5", "VCP probe: accuracy")
+# Rows with a paired interval of the difference (per-item results of both runs), and without.
+PAIRED_ROWS = ("fine-tuning: video top-1", "fine-tuning: video top-5", "linear eval: video top-1",
+               "retrieval: top-1", "retrieval: top-5", "retrieval: top-10")
+TABLE_ROWS = (*PAIRED_ROWS, "VCP probe: accuracy")
+NUM = r"\d\.\d{3}"
+SIGNED = r"[+-]\d\.\d{3}"
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +52,13 @@ def _run_demo(workdir: Path, cache: Path) -> str:
 
 
 def _ran(stdout: str) -> set[str]:
-    """The stages a run ran (rather than found done): `[i/7] name` lines without 'done before'."""
-    return {m.group(1) for m in re.finditer(r"^\[\d/7\] (\w+)$", stdout, flags=re.MULTILINE)}
+    """The stages a run ran (rather than found done): `[i/n] name` lines without 'done before'."""
+    return {m.group(1) for m in re.finditer(r"^\[\d+/\d+\] (\w+)$", stdout,
+                                            flags=re.MULTILINE)}
 
 
 def _skipped(stdout: str) -> set[str]:
-    return {m.group(1) for m in re.finditer(r"^\[\d/7\] (\w+): done before", stdout,
+    return {m.group(1) for m in re.finditer(r"^\[\d+/\d+\] (\w+): done before", stdout,
                                             flags=re.MULTILINE)}
 
 
@@ -75,12 +80,16 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path: Path, tiny_demo_cache: Path) 
     assert (cache / "tensorflow_datasets" / "hmdb51_frames").is_dir()
 
     # The comparison table on the console and in report.md, with its plots.
-    assert re.search(r"VCP\s+random\s+VCP-rnd", stdout), stdout[-3000:]
+    # Columns: chance, VCP, random, VCP - random [95% CI] (paired rows), n.
+    assert re.search(r"chance\s+VCP\s+random\s+VCP-rnd \[95% CI\]\s+n", stdout), stdout[-3000:]
     for row in TABLE_ROWS:
-        assert re.search(rf"^{re.escape(row)}\s+\d\.\d{{3}}\s+\d\.\d{{3}}\s+[+-]\d\.\d{{3}}$",
+        interval = rf" \[{SIGNED}, {SIGNED}\]" if row in PAIRED_ROWS else ""
+        assert re.search(rf"^{re.escape(row)}\s+{NUM}\s+{NUM}\s+{NUM}\s+{SIGNED}{interval}\s+\d+$",
                          stdout, flags=re.MULTILINE), (row, stdout[-3000:])
     report = (workdir / demo.REPORT).read_text()
-    assert "| metric | VCP | random init | VCP - random |" in report
+    assert ("| metric | chance | VCP [95% CI] | random init [95% CI] | VCP - random [95% CI] "
+            "| n |") in report
+    assert "hypergeometric" in report and "Wilson" in report
     for row in TABLE_ROWS:
         assert f"| {row} |" in report, row
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
@@ -88,6 +97,13 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path: Path, tiny_demo_cache: Path) 
     assert "finetune.png" in report and "retrieval_topk.png" in report
     summary = json.loads((workdir / "metrics.json").read_text())
     assert set(summary["stage_seconds"]) == set(demo.STAGES)
+    rows = {r["metric"]: r for r in summary["comparison"]}
+    for row in PAIRED_ROWS:
+        assert rows[row]["difference_ci"] is not None and rows[row]["n"] > 0, rows[row]
+        assert 0 < rows[row]["chance"] <= 1 and rows[row]["vcp_ci"] is not None
+    assert rows["fine-tuning: video top-1"]["chance"] == 0.25  # 4 classes at the tiny size
+    linear = json.loads((workdir / "linear_vcp" / "metrics.json").read_text())
+    assert linear["mode"] == "linear evaluation"
 
     # The same command again: every stage is found done, none reruns; the table is printed.
     stdout = _run_demo(workdir, cache)
@@ -100,6 +116,76 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path: Path, tiny_demo_cache: Path) 
     assert _ran(stdout) == {"finetune_random"}, stdout[-3000:]
     assert _skipped(stdout) == set(demo.STAGES) - {"finetune_random"}
     assert (workdir / "finetune_random" / "metrics.json").is_file()
+
+    # The learning rate that trained, and the train accuracy next to the test accuracy.
+    for name in ("pretrain", "finetune_vcp", "probe_vcp"):
+        metrics = json.loads((workdir / name / "metrics.json").read_text())
+        assert metrics["effective_learning_rate"] > 0, name
+    finetuned = json.loads((workdir / "finetune_vcp" / "metrics.json").read_text())
+    assert 0 <= finetuned["test"]["train_video_top1"] <= 1
+    assert finetuned["chosen_step"] == finetuned["best_checkpoint_step"]
+
+
+def test_a_stage_is_reused_only_with_the_config_it_ran_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo.run`'s bookkeeping with stand-in stages (no training): what reruns, what is kept."""
+    from configs import demo as demo_config
+
+    calls: list[str] = []
+
+    def runner(task):
+        def run(config, stage_dir):
+            calls.append(stage_dir.name)
+            result = {"task": task}
+            (stage_dir / demo.RESULT_FILES[task]).write_text(json.dumps(result))
+            return result
+        return run
+
+    monkeypatch.setattr(demo, "_runner", runner)
+    monkeypatch.setattr(demo, "comparison", lambda results, *a, **k: [])
+    monkeypatch.setattr(demo, "render_report", lambda *a, **k: "")
+    monkeypatch.setattr(demo, "render_table", lambda *a, **k: "")
+    workdir = tmp_path / "demo"
+    config = demo_config.get_config("size=tiny")
+    config.cache_dir = str(tmp_path / "cache")
+
+    def run_demo() -> set[str]:
+        calls.clear()
+        demo.run(config, workdir)
+        return set(calls)
+
+    assert run_demo() == set(demo.STAGES)
+    assert all((workdir / name / demo.STAGE_RECORD).is_file() for name in demo.STAGES)
+    assert run_demo() == set()  # the same config: every stage reused
+
+    # A changed fine-tuning config: those two stages rerun from scratch, the old ones aside.
+    capsys.readouterr()
+    config.finetune.num_train_steps += 1
+    assert run_demo() == {"finetune_vcp", "finetune_random"}
+    out = capsys.readouterr().out
+    assert re.search(r"finetune_vcp: config differs from the earlier run's \(num_train_steps\)",
+                     out), out
+    assert (workdir / "finetune_vcp.stale" / demo.STAGE_RECORD).is_file()
+
+    # A changed pretraining: it reruns, and so does every stage that starts from it.
+    config.pretrain.num_train_steps += 1
+    stages = demo.stage_configs(config, workdir)
+    from_pretrain = {name for name in demo.STAGES
+                     if stages[name].get("init_from") == str(workdir / "pretrain")}
+    assert from_pretrain >= {"finetune_vcp", "probe_vcp"}
+    assert run_demo() == {"pretrain"} | from_pretrain
+    assert "pretrain was rerun" in capsys.readouterr().out
+
+    # An interrupted stage (no results yet) with the same config resumes in its folder.
+    (workdir / "probe_random" / "metrics.json").unlink()
+    (workdir / "probe_random" / "checkpoint").write_text("kept")
+    assert run_demo() == {"probe_random"}
+    assert (workdir / "probe_random" / "checkpoint").read_text() == "kept"
+    # A stage folder that records no config (an older demo's) is not trusted.
+    (workdir / "retrieval_random" / demo.STAGE_RECORD).unlink()
+    assert run_demo() == {"retrieval_random"}
+    assert "no recorded config" in capsys.readouterr().out
 
 
 @pytest.mark.slow

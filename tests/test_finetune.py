@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import jax
@@ -116,6 +117,9 @@ def test_video_level_accuracy_from_clip_logits() -> None:
     confusion = np.asarray(summary["confusion"])
     assert confusion.sum() == 3 and confusion[0, 0] == 1 and confusion[1, 0] == 1
     assert confusion[0, 1] == 1
+    # Per video, by index: the predicted class and the label's rank (top-k iff rank <= k).
+    assert summary["per_video"] == {"index": [0, 1, 2], "label": [0, 1, 0],
+                                    "predicted": [0, 0, 1], "label_rank": [1, 2, 6]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +305,70 @@ def test_finetune_run_from_a_pretraining_workdir(tiny_dataset: Path, pretrained:
         assert (tmp_path / "ft" / name).is_file(), name
     provenance = (tmp_path / "ft" / "provenance.json").read_text()
     assert str(pretrained) in provenance and "video_ids_sha256_16" in provenance
+    # The chosen checkpoint's accuracy on its own training videos, next to the test's.
+    assert result["chosen_step"] == result["best_checkpoint_step"]
+    assert result["chosen_by"] == "lowest validation loss"
+    assert 0 <= test["train_video_top1"] <= 1
+    assert result["train_eval"]["num_videos"] == result["num_train_videos"]
     # Run again: the fold is done, nothing is recomputed.
     again = finetune.run(config, tmp_path / "ft")
     assert again["test"]["video_top1"] == test["video_top1"]
+
+
+# --------------------------------------------------------------------------------------------
+# Few labelled videos: a stratified subset of the training videos
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_subset_is_stratified_seeded_and_checked() -> None:
+    labels = np.repeat(np.arange(3), 10)  # 3 classes x 10 videos
+    train_idx = np.setdiff1d(np.arange(30), [0, 1, 2, 15])  # class 0 keeps 7, class 1 keeps 9
+    names = ("a", "b", "c")
+    subset = finetune.train_subset(train_idx, labels, 5, 0, names)
+    assert np.isin(subset, train_idx).all() and len(np.unique(subset)) == 15
+    np.testing.assert_array_equal(np.bincount(labels[subset]), [5, 5, 5])
+    np.testing.assert_array_equal(finetune.train_subset(train_idx, labels, 5, 0, names), subset)
+    others = [finetune.train_subset(train_idx, labels, 5, seed, names) for seed in (1, 2)]
+    assert not any(np.array_equal(o, subset) for o in others)
+    with pytest.raises(config_utils.UserError,
+                       match=r"train_videos_per_class=8, but class 'a' has only 7"):
+        finetune.train_subset(train_idx, labels, 8, 0, names)
+
+
+def test_finetune_data_with_few_videos_per_class(tiny_dataset: Path) -> None:
+    config = finetune_config(tiny_dataset)
+    full = _data(config)
+    config.data.train_videos_per_class = 2
+    data = _data(config)
+    assert data.num_train_videos == 2 * len(data.class_names)
+    assert data.train_class_counts == dict.fromkeys(data.class_names, 2)
+    assert data.provenance["train"]["train_videos_per_class"] == 2
+    # The validation and test videos do not change; the subset depends on the seed only.
+    assert data.num_val_videos == full.num_val_videos
+    assert data.provenance["validation"] == full.provenance["validation"]
+    assert data.provenance["test"] == full.provenance["test"]
+    assert _data(config).provenance["train"] == data.provenance["train"]
+    config.seed = 1
+    assert _data(config).provenance["train"] != data.provenance["train"]
+    config.data.train_videos_per_class = 100
+    with pytest.raises(config_utils.UserError, match="train_videos_per_class=100, but class"):
+        _data(config)
+
+
+def test_finetune_without_validation_videos_tests_the_last_step(
+        tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = finetune_config(tiny_dataset)
+    config.data.num_val_videos = 0
+    config.data.train_videos_per_class = 1
+    config.optimizer.base_batch_size = 4  # scale_with_batch: 1e-3 x 8 / 4
+    result = finetune.run(config, tmp_path / "ft")
+    assert result["num_val_videos"] == 0 and result["num_train_videos"] == 4
+    assert result["chosen_step"] == config.num_train_steps
+    assert result["chosen_by"] == "last step (no validation videos)"
+    assert result["train_videos_per_class"] == 1
+    assert result["train_eval"]["num_videos"] == 4
+    assert result["effective_learning_rate"] == pytest.approx(2e-3)
+    out = capsys.readouterr().out
+    assert "peak learning rate 0.002 (0.001 x batch 8 / 4)" in out, out
+    assert re.search(r"^fold 1: test video top-1 \d\.\d\d \(train \d\.\d\d\) at step 2$", out,
+                     flags=re.MULTILINE), out

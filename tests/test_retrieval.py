@@ -22,6 +22,7 @@ from vcp_jax import (
     reporting,
     retrieval,
 )
+from vcp_jax.stats import retrieval_chance
 
 # --------------------------------------------------------------------------------------------
 # Top-k neighbours and accuracy
@@ -92,6 +93,14 @@ def test_topk_accuracy_is_any_hit_among_the_first_k() -> None:
     manual = retrieval.topk_accuracy(np.array([[2, 0, 1]] * 3), np.array([0, 1, 2]),
                                      np.array([0, 1, 2]), (1, 2, 3))
     assert manual == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
+    # Per query, the first hit's rank: hit at k iff 0 < rank <= k, as topk_accuracy counts.
+    ranks = retrieval.first_hit_ranks(neighbours, query_labels, gallery_labels)
+    for k in (1, 3, 12, 50):
+        assert ((ranks > 0) & (ranks <= k)).mean() == pytest.approx(accuracy[k]), k
+    np.testing.assert_array_equal(retrieval.first_hit_ranks(
+        np.array([[2, 0, 1]] * 3), np.array([0, 1, 2]), np.array([0, 1, 2])), [2, 3, 1])
+    assert retrieval.first_hit_ranks(np.array([[0, 1]]), np.array([2]),
+                                     np.array([0, 1, 2])).tolist() == [0]  # no hit
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +224,13 @@ def test_run_end_to_end(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
         hits = (saved["gallery_labels"][order[:, :k]] == saved["query_labels"][:, None]).any(1)
         assert results["topk"][str(k)] == pytest.approx(hits.mean())
         assert results["topk_percent"][str(k)] == pytest.approx(100 * hits.mean())
+        ranks = np.asarray(results["per_query"]["first_hit_rank"])
+        assert ((ranks > 0) & (ranks <= k)).mean() == pytest.approx(hits.mean())
+        assert results["chance_topk"][str(k)] == pytest.approx(retrieval_chance(
+            saved["query_labels"], np.bincount(saved["gallery_labels"], minlength=4), k))
+    assert results["per_query"]["label"] == saved["query_labels"].tolist()
+    assert results["gallery_class_counts"] == np.bincount(saved["gallery_labels"]).tolist()
+    assert results["chance_topk"]["50"] == 1.0
 
     # A query's feature is the saved backbone's (inference-mode BatchNorm with the saved
     # statistics) mean over its clips, computed here without the pipeline.

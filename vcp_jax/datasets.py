@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,27 +158,126 @@ def describe(data: ml_collections.ConfigDict, split: str, index: VideoIndex,
 # --------------------------------------------------------------------------------------------
 
 
+# Beside a synthetic build's data (in its TFDS version folder): the generator options it was built
+# from, so a build of other options is detected and rebuilt rather than silently reused.
+SYNTHETIC_RECORD = "synthetic_options.json"
+# Keys of `data.synthetic` that are not generator arguments, and generator arguments that do not
+# change the content (how many processes render it): neither makes a build stale.
+_NOT_GENERATE_ARGS = ("manual_dir", "build_workers")
+_NOT_CONTENT = ("workers",)
+
+
+def synthetic_options(data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a synthetic build is made from: every content argument of `synthetic.generate`, and
+    the generator's format version (bumped when the rendering changes), as plain JSON data."""
+    from vcp_jax.data import synthetic  # noqa: PLC0415
+
+    options = {k: v for k, v in data.synthetic.items()
+               if k not in _NOT_GENERATE_ARGS + _NOT_CONTENT}
+    return json.loads(json.dumps({"format_version": synthetic.FORMAT_VERSION, **options},
+                                 sort_keys=True))
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """`videos_per_class 12 -> 60, seed 0 -> 1`: the keys whose values differ."""
+    missing = object()
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            changes.append(f"{key} {'unset' if a is missing else a} -> "
+                           f"{'unset' if b is missing else b}")
+    return ", ".join(changes) or "none"
+
+
+def _built_from(built: tfds.core.DatasetBuilder, manual_dir: Path) -> bool:
+    """Whether a build's report says it was built from the videos in `manual_dir`."""
+    from tfds_builders import summary  # noqa: PLC0415
+
+    report = Path(built.data_dir) / summary.REPORT_NAME
+    try:
+        source = json.loads(report.read_text()).get("manual_dir")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return source is not None and Path(source).expanduser().resolve() == manual_dir.resolve()
+
+
 def prepare(data: ml_collections.ConfigDict) -> None:
     """Generates and builds the synthetic dataset when the config asks for one that is missing.
+
+    A build records the generator options it was made from (`SYNTHETIC_RECORD`); when the
+    config's differ, the stale build and, if they were made with other options, the stale
+    generated videos are deleted and made again. Both are the demo's own cache: only a build
+    that records its options (or whose build report names these generated videos) and only
+    videos under the generator's marker are ever deleted.
 
     Real datasets are never downloaded (no network at run time): a missing one is an error, raised
     when it is opened, that says how to build it.
     """
     synthetic_config = data.get("synthetic")
-    if not synthetic_config or builder(data).is_prepared():
+    if not synthetic_config:
         return
     from tfds_builders import build as build_lib  # noqa: PLC0415 - only to build
     from vcp_jax.data import synthetic  # noqa: PLC0415
 
     manual_dir = Path(synthetic_config.manual_dir).expanduser()
-    print(f"generating synthetic videos in {manual_dir}, building {data.name}/{data.config}")
+    wanted = synthetic_options(data)
+    built = builder(data)
+    record = Path(built.data_dir) / SYNTHETIC_RECORD
+    name = f"{data.name}/{data.config}"
+    reason = None  # why an existing build is replaced; None: no build to replace
+    recorded = None
+    if built.is_prepared():
+        try:
+            recorded = json.loads(record.read_text())["generator_options"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if recorded == wanted:
+            return
+        if recorded is None and not _built_from(built, manual_dir):
+            raise UserError(
+                f"{name} in {data_dir(data)} records no synthetic dataset parameters "
+                f"({record} is missing) and was not built from {manual_dir}: refusing to replace "
+                f"it. Delete it, or point config.data.data_dir elsewhere.")
+        if recorded is not None:
+            reason = describe_changes(recorded, wanted)
     # Every other key of `data.synthetic` is an argument of `synthetic.generate`.
-    not_generate_args = ("manual_dir", "build_workers")
-    options = {k: v for k, v in synthetic_config.items() if k not in not_generate_args}
+    options = {k: v for k, v in synthetic_config.items() if k not in _NOT_GENERATE_ARGS}
     tfds.disable_progress_bar()  # the builder shows its own bar per split; TFDS's add noise
+    if reason is not None:
+        print(f"synthetic dataset parameters changed ({reason}): regenerating {manual_dir} "
+              f"if needed and rebuilding {name}")
+    elif recorded is None and not built.is_prepared():
+        print(f"generating synthetic videos in {manual_dir}, building {name}")
+    regenerated = False
     try:
-        synthetic.generate(manual_dir, **options)  # skips the work when it is already there
-    except ValueError as e:  # e.g. the folder holds a synthetic dataset of other parameters
+        try:
+            synthetic.generate(manual_dir, **options)  # skips the work when it is already there
+        except synthetic.ParamsMismatchError as e:
+            # The videos are the generator's (its marker says so) but of other parameters: this
+            # build and any other made from them are stale (each is rebuilt when prepared).
+            if reason is None:
+                print(f"synthetic dataset parameters changed "
+                      f"({describe_changes(e.old, e.new)}): regenerating {manual_dir} and "
+                      f"building {name}")
+            synthetic.remove(manual_dir)
+            synthetic.generate(manual_dir, **options)
+            regenerated = True
+    except ValueError as e:  # e.g. the folder holds videos the generator did not write
         raise UserError(f"config.data.synthetic: {e}") from None
-    build_lib.build(data.name, manual_dir=manual_dir, data_dir=data_dir(data),
-                    config=data.config, num_workers=synthetic_config.get("build_workers"))
+    if built.is_prepared():
+        if recorded is None and not regenerated:
+            # Built from these very videos before builds recorded their options: adopt it.
+            _write_record(record, wanted, manual_dir)
+            return
+        shutil.rmtree(built.data_dir)
+    built = build_lib.build(data.name, manual_dir=manual_dir, data_dir=data_dir(data),
+                            config=data.config, num_workers=synthetic_config.get("build_workers"))
+    _write_record(Path(built.data_dir) / SYNTHETIC_RECORD, wanted, manual_dir)
+
+
+def _write_record(path: Path, options: dict[str, Any], manual_dir: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"generator_options": options, "manual_dir": str(manual_dir)},
+                              indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

@@ -27,6 +27,7 @@ import tqdm
 from flax import nnx
 
 from vcp_jax import (
+    bn_calibration,
     checkpointing,
     config_utils,
     datasets,
@@ -51,6 +52,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     trainer.validate_config(config)
     for key in ("finetune.clip_len", "finetune.num_test_clips", "finetune.test_batch_size"):
         config_utils.check_positive(config, key)
+    if config.finetune.freeze_backbone:  # linear evaluation: see `bn_calibration`
+        bn_calibration.validate_config(config)
+    if config.data.get("train_videos_per_class") is not None:
+        config_utils.check_positive(config, "data.train_videos_per_class")
     folds = tuple(config.finetune.folds)
     if not folds or any(f not in (1, 2, 3) for f in folds):
         raise config_utils.ConfigError(
@@ -90,6 +95,13 @@ def create_train_state(
 
 def to_input(frames: jax.Array) -> jax.Array:
     return frames.astype(jnp.float32) / 255.0
+
+
+def calibration_forward(model: nnx.Module, batch: dict[str, jax.Array], index: jax.Array
+                        ) -> jax.Array:
+    """The backbone on a batch of training clips, for `bn_calibration` (linear evaluation)."""
+    del index  # the clips are the batch's own; nothing is drawn on the device
+    return model.backbone(to_input(batch["clip"]))
 
 
 def train_step(
@@ -136,13 +148,16 @@ def test_step(
 def summarize_test(
     outputs: dict[str, np.ndarray], class_names: tuple[str, ...], num_clips: int
 ) -> dict[str, Any]:
-    """Video-level top-1/top-5, clip-level top-1, per-class accuracy and the confusion matrix."""
+    """Video-level top-1/top-5, clip-level top-1, per-class accuracy, the confusion matrix, and
+    each test video's predicted class and label rank (`per_video`)."""
     logits, labels = outputs["logits"], outputs["label"].astype(np.int64)
     num_classes, count = len(class_names), len(labels)
     if count == 0:
         return {"num_test_videos": 0}
     order = np.argsort(-logits, axis=1, kind="stable")
     top1 = order[:, 0] == labels
+    # 1 + the position of the true class in each video's ranking: top-k correct iff rank <= k.
+    rank = 1 + np.argmax(order == labels[:, None], axis=1)
     top5 = np.any(order[:, :5] == labels[:, None], axis=1)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(confusion, (labels, order[:, 0]), 1)
@@ -158,7 +173,19 @@ def summarize_test(
         "averaging": f"mean of the {num_clips} clip logits per video",
         "per_class_accuracy": per_class,
         "confusion": confusion.tolist(),  # confusion[true, predicted]
+        # Per test video, in test-split order: what paired comparisons of two runs on the
+        # same videos need (`stats.paired_difference`).
+        "per_video": _per_video(outputs.get("index"), labels, order[:, 0], rank),
     }
+
+
+def _per_video(index: np.ndarray | None, labels: np.ndarray, predicted: np.ndarray,
+               rank: np.ndarray) -> dict[str, list[int]]:
+    """Test videos' label, predicted class and the label's rank, ordered by video index."""
+    index = np.arange(len(labels)) if index is None else np.asarray(index).astype(np.int64)
+    order = np.argsort(index, kind="stable")
+    return {"index": index[order].tolist(), "label": labels[order].tolist(),
+            "predicted": predicted[order].tolist(), "label_rank": rank[order].tolist()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,17 +203,59 @@ class FinetuneData:
     num_test_videos: int
     class_names: tuple[str, ...]
     provenance: dict[str, Any]
+    # The training videos (the subset trained on) as test clip sets: the train accuracy that
+    # shows memorisation next to the test accuracy.
+    train_test: Any = None
+    train_class_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+# Mixed with `config.seed` so the subset's draw is not the same random stream as other draws
+# seeded by it.
+_SUBSET_STREAM = 0x5B5E7
+
+
+def train_subset(
+    train_idx: np.ndarray,
+    labels: np.ndarray,
+    per_class: int,
+    seed: int,
+    class_names: tuple[str, ...],
+) -> np.ndarray:
+    """A stratified random subset of `train_idx`: `per_class` videos of every class, sorted.
+
+    It depends only on `seed` and the videos, never on the init or the step count, so runs that
+    differ only in their backbone (VCP and random init of one demo seed) train on the same
+    videos. A class with fewer than `per_class` videos is a `UserError`.
+    """
+    rng = np.random.default_rng([seed, _SUBSET_STREAM])
+    chosen = []
+    for label, name in enumerate(class_names):
+        videos = train_idx[labels[train_idx] == label]
+        if len(videos) < per_class:
+            raise config_utils.UserError(
+                f"config.data.train_videos_per_class={per_class}, but class {name!r} has only "
+                f"{len(videos)} training videos (after holding out config.data.num_val_videos)")
+        chosen.append(rng.choice(videos, per_class, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else train_idx[:0]
 
 
 def finetune_data(
     config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
 ) -> FinetuneData:
-    """Training clips (train split minus held-out videos), validation clips, test clip sets."""
+    """Training clips (train split minus held-out videos), validation clips, test clip sets.
+
+    With `data.train_videos_per_class` the training videos are a stratified subset, drawn with
+    `config.seed` from those left after the validation hold-out.
+    """
     source = datasets.data_source(config.data, "train")
     test_source = datasets.data_source(config.data, "test")
     index = datasets.video_index(source, "train")
     test_index = datasets.video_index(test_source, "test")
+    names = datasets.class_names(source)
     train_idx, val_idx = datasets.holdout_split(len(index), config.data.num_val_videos, seed=0)
+    per_class = config.data.get("train_videos_per_class")
+    if per_class is not None:
+        train_idx = train_subset(train_idx, index.labels, int(per_class), config.seed, names)
     test_idx = np.arange(len(test_index))
     clip_len, crop = config.finetune.clip_len, config.data.crop_size
     shard = dict(process_index=process_index, process_count=process_count)
@@ -200,13 +269,21 @@ def finetune_data(
         test_idx, input_pipeline.MultiClipSampler(test_source, clip_len, crop,
                                                   config.finetune.num_test_clips),
         global_batch=config.finetune.test_batch_size, **shard)
+    train_test = input_pipeline.eval_batches(
+        train_idx, input_pipeline.MultiClipSampler(source, clip_len, crop,
+                                                   config.finetune.num_test_clips),
+        global_batch=config.finetune.test_batch_size, **shard)
+    counts = np.bincount(index.labels[train_idx], minlength=len(names))
+    class_counts = {name: int(counts[i]) for i, name in enumerate(names)}
     described = {
-        "train": datasets.describe(config.data, "train", index, train_idx),
+        "train": {**datasets.describe(config.data, "train", index, train_idx),
+                  "train_videos_per_class": per_class, "class_counts": class_counts},
         "validation": datasets.describe(config.data, "train (held out)", index, val_idx),
         "test": datasets.describe(config.data, "test", test_index, test_idx),
     }
     return FinetuneData(train, val, test, len(train_idx), len(val_idx), len(test_idx),
-                        datasets.class_names(source), described)
+                        names, described, train_test=train_test,
+                        train_class_counts=class_counts)
 
 
 def fill_schedule(config: ml_collections.ConfigDict, num_train_videos: int) -> None:
@@ -243,8 +320,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         "dataset": config.data.name,
         "folds": {str(f): {"workdir": str(workdir / FOLD_DIR.format(f)),
                            **{k: results[f]["test"][k] for k in HEADLINE},
+                           "train_video_top1": results[f]["test"].get("train_video_top1"),
                            "best_checkpoint_step": results[f]["best_checkpoint_step"]}
                   for f in folds},
+        "effective_learning_rate": trainer.effective_learning_rate(config),
         "mean": mean,
         "num_clips": config.finetune.num_test_clips,
         "averaging": "per fold: video-level accuracy; mean: unweighted over the folds",
@@ -279,18 +358,35 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
                          process_count=jax.process_count())
     fill_schedule(config, data.num_train_videos)
     mode = "linear evaluation" if config.finetune.freeze_backbone else "fine-tuning"
+    per_class = config.data.get("train_videos_per_class")
+    lr = trainer.effective_learning_rate(config)
     reporting.console(
         f"{mode}: {config.model.arch} (width {config.model.width}) on {config.data.name} fold "
-        f"{fold}: {data.num_train_videos} train videos, {data.num_val_videos} held out, "
-        f"{data.num_test_videos} test videos, {len(data.class_names)} classes; "
-        f"{config.num_train_steps} steps")
+        f"{fold}: {data.num_train_videos} train videos"
+        + (f" ({per_class} per class)" if per_class is not None else "")
+        + f", {data.num_val_videos} held out, {data.num_test_videos} test videos, "
+        f"{len(data.class_names)} classes; {config.num_train_steps} steps, "
+        f"{trainer.describe_learning_rate(config)}")
 
     strategy = parallel.make_strategy(config.parallel)
     state, ctx = create_train_state(config, len(data.class_names),
                                     bn_axis_name=strategy.axis_name)
     checkpoints = checkpointing.RunCheckpoints(workdir / checkpointing.CHECKPOINTS_DIR, config)
+    resumed = checkpoints.latest_step() is not None
     state, start_step, started = trainer.init_state(state, checkpoints, source)
     reporting.console(started)
+    bn_statistics = None
+    if config.finetune.freeze_backbone:
+        # Linear evaluation normalises with the frozen backbone's running statistics:
+        # re-estimated on the training clips for a random backbone (config.bn_recalibration)
+        # before the head trains; a resumed run keeps its checkpoint's. Fine-tuning trains
+        # them and is left as it is.
+        stats, bn_statistics = bn_calibration.recalibrate(
+            config, nnx.merge(ctx.eval_graphdef, state.params, state.batch_stats), data.train,
+            calibration_forward, strategy, clips_per_batch=config.batch_size,
+            origin="resumed" if resumed else "random" if source is None else "init_from")
+        if stats is not None:
+            state = state.replace(batch_stats=stats)
     provenance.write(workdir, config, data=data.provenance, init_from=source)
 
     train_fn = strategy.compile(functools.partial(train_step, ctx=ctx), donate_state=True)
@@ -309,13 +405,26 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
         desc=f"{mode} fold {fold}",
         eval_line=trainer.eval_line,
     )
+    # The lowest-validation-loss checkpoint; without held-out videos (data.num_val_videos=0)
+    # nothing ranks the checkpoints and the last step is tested.
     best_step = result.best_step or config.num_train_steps
+    chosen_by = ("lowest validation loss" if result.best_step is not None
+                 else "last step (no validation videos)" if data.num_val_videos == 0
+                 else "last step")
     state = result.state
     if best_step != config.num_train_steps:
         state = strategy.put_state(
             checkpoints.restore_state(strategy.get_state(result.state), best_step))
     test_fn = strategy.compile(functools.partial(test_step, ctx=ctx), donate_state=False)
     test = test_videos(state, data, test_fn, strategy, config)
+    # The same multi-clip test on the videos it trained on: a train accuracy far above the test
+    # accuracy is memorisation (few labelled videos), not a representation that generalises.
+    train_eval = test_videos(state, data, test_fn, strategy, config, batches=data.train_test,
+                             desc="train-video test")
+    train_eval = {k: train_eval[k] for k in ("video_top1", "video_top5", "clip_top1",
+                                             "num_test_videos", "num_clips") if k in train_eval}
+    train_eval["num_videos"] = train_eval.pop("num_test_videos", 0)
+    test["train_video_top1"] = train_eval.get("video_top1")
     checkpoints.close()
     label = (f"{config.data.name} fold {fold}, {test['num_test_videos']} test videos, "
              f"{test.get('num_clips')} clips each, mean of clip logits; step {best_step}")
@@ -325,13 +434,20 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
         "fold": fold,
         "mode": mode,
         "best_checkpoint_step": best_step,
+        "chosen_step": best_step,
+        "chosen_by": chosen_by,
+        "effective_learning_rate": lr,
         "val_metrics_last": result.val_metrics,
         "num_train_videos": data.num_train_videos,
+        "train_videos_per_class": per_class,  # None: every training video
+        "train_class_counts": data.train_class_counts,
         "num_val_videos": data.num_val_videos,
         "class_names": list(data.class_names),
         "backbone": source.describe() if source is not None else "random init (or resumed)",
+        **({"bn_statistics": bn_statistics} if bn_statistics is not None else {}),
         "label": label,
         "test": test,
+        "train_eval": train_eval,  # the chosen checkpoint on its training videos, same test
         "loop_timing": result.timing,  # this run's loop (a resumed run: since the resume)
     }
     reporting.write_json(workdir / "confusion.json", {
@@ -340,11 +456,15 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
     reporting.plot_confusion(workdir / "confusion.png", np.asarray(test.get("confusion")),
                              data.class_names, f"confusion: {label}")
     reporting.write_json(workdir / "metrics.json", final)
+    nan = float("nan")
     reporting.console(
         f"fold {fold} test ({test['num_test_videos']} videos, {test.get('num_clips')} clips "
-        f"each): video top-1 {test.get('video_top1', float('nan')):.3f}, top-5 "
-        f"{test.get('video_top5', float('nan')):.3f}, clip top-1 "
-        f"{test.get('clip_top1', float('nan')):.3f}\nmetrics: {workdir / 'metrics.json'}")
+        f"each): video top-1 {test.get('video_top1', nan):.3f}, top-5 "
+        f"{test.get('video_top5', nan):.3f}, clip top-1 "
+        f"{test.get('clip_top1', nan):.3f}\n"
+        f"fold {fold}: test video top-1 {test.get('video_top1', nan):.2f} (train "
+        f"{train_eval.get('video_top1', nan):.2f}) at step {best_step}\n"
+        f"metrics: {workdir / 'metrics.json'}")
     return final
 
 
@@ -362,10 +482,15 @@ def evaluate(state: Any, batches: Any, eval_fn: Any, strategy: parallel.Strategy
 
 
 def test_videos(state: Any, data: FinetuneData, test_fn: Any, strategy: parallel.Strategy,
-                config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The 10-clip test of every test video (each counted once on any number of hosts)."""
-    iterator = input_pipeline.make_iterator(data.test, config, prefetch_processes=False)
-    bar = tqdm.tqdm(iterator, total=len(data.test), desc="10-clip test", unit="batch",
+                config: ml_collections.ConfigDict, *, batches: Any = None,
+                desc: str = "10-clip test") -> dict[str, Any]:
+    """The 10-clip test of every test video (each counted once on any number of hosts).
+
+    `batches`: other videos' clip sets to test the same way (default: the test split's).
+    """
+    batches = data.test if batches is None else batches
+    iterator = input_pipeline.make_iterator(batches, config, prefetch_processes=False)
+    bar = tqdm.tqdm(iterator, total=len(batches), desc=desc, unit="batch",
                     disable=not reporting.is_main_process(), leave=False, dynamic_ncols=True)
     outputs = trainer.gather(state, bar, test_fn, strategy)
     return summarize_test(outputs, data.class_names, config.finetune.num_test_clips)

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from vcp_jax import (
+    bn_calibration,
     checkpointing,
     cloze,
     config_utils,
@@ -129,6 +130,18 @@ def train_step(
     state, loss, logits = trainer.update(state, ctx, loss_fn)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return state, trainer.reduce_metrics({"loss": loss, "accuracy": accuracy}, ctx)
+
+
+def calibration_forward(
+    model: nnx.Module, batch: dict[str, jax.Array], index: jax.Array, *,
+    ctx: trainer.StepContext, rng: jax.Array,
+) -> jax.Array:
+    """The backbone on the clips of batch `index`'s tuples as `train_step` draws them at step
+    `index` (same keys: the probe's own training tuples), for `bn_calibration`."""
+    keys = trainer.example_keys(rng, index, batch["clips"].shape[0], ctx.axis_name)
+    tuples, _ = cloze_per_sample(keys, batch, ctx.task.cloze_config)
+    inputs = to_input(tuples)
+    return model.backbone(inputs.reshape(-1, *inputs.shape[2:]))
 
 
 def eval_step(
@@ -279,6 +292,8 @@ def train_vcp(
     validate_config(config)
     if config.get("num_train_steps") is None:
         raise config_utils.ConfigError("config.num_train_steps must be set")
+    if frozen_backbone:
+        bn_calibration.validate_config(config)
     if frozen_backbone and source is not None:
         trainer.check_fold(source, config.data)
     datasets.prepare(config.data)
@@ -291,14 +306,28 @@ def train_vcp(
         f"validating on {data.num_val_videos}"
         + (f", testing on {data.num_test_videos}" if frozen_backbone else "")
         + (f" ({data.num_too_short} too short for a tuple, skipped)" if data.num_too_short
-           else ""))
+           else "")
+        + f"; {config.num_train_steps} steps, {trainer.describe_learning_rate(config)}")
 
     strategy = parallel.make_strategy(config.parallel)
     state, ctx = create_train_state(config, bn_axis_name=strategy.axis_name,
                                     frozen_backbone=frozen_backbone)
     checkpoints = checkpointing.RunCheckpoints(workdir / checkpointing.CHECKPOINTS_DIR, config)
+    resumed = checkpoints.latest_step() is not None
     state, start_step, started = trainer.init_state(state, checkpoints, source)
     reporting.console(started)
+    bn_statistics = None
+    if frozen_backbone:
+        # The frozen backbone normalises with its running statistics: re-estimated on the
+        # probe's training tuples for a random backbone (config.bn_recalibration), before the
+        # head trains; a resumed run keeps its checkpoint's (the ones its head trained with).
+        stats, bn_statistics = bn_calibration.recalibrate(
+            config, nnx.merge(ctx.eval_graphdef, state.params, state.batch_stats), data.train,
+            functools.partial(calibration_forward, ctx=ctx, rng=np.asarray(state.rng)),
+            strategy, clips_per_batch=config.batch_size * config.cloze.num_clips,
+            origin="resumed" if resumed else "random" if source is None else "init_from")
+        if stats is not None:
+            state = state.replace(batch_stats=stats)
     provenance.write(workdir, config, data=data.provenance, init_from=source)
 
     train_fn = strategy.compile(functools.partial(train_step, ctx=ctx), donate_state=True)
@@ -325,6 +354,7 @@ def train_vcp(
         "step": config.num_train_steps,
         **val_metrics,
         "best_checkpoint_step": result.best_step,
+        "effective_learning_rate": trainer.effective_learning_rate(config),
         "num_train_videos": data.num_train_videos,
         "num_val_videos": data.num_val_videos,
         "num_too_short": data.num_too_short,
@@ -341,6 +371,7 @@ def train_vcp(
         final.update(test)
         final["num_test_videos"] = data.num_test_videos
         final["backbone"] = source.describe() if source is not None else "random init"
+        final["bn_statistics"] = bn_statistics
         step = result.best_step or config.num_train_steps
         title = (f"VCP probe, {config.data.name}/{config.data.config} test tuples "
                  f"({test.get('test_tuples', 0)}), step {step}")

@@ -2,8 +2,10 @@
 
 The backbone (from `init_from`: pretrained, fine-tuned or, without it, random) is frozen, with
 BatchNorm in inference mode and no gradient computed for it; only the VCP head trains, on
-pretraining tuples with the pretraining optimiser. The report is on the test split's
-deterministic tuples, from the checkpoint with the lowest validation loss: overall and
+pretraining tuples with the pretraining optimiser. A random backbone's BatchNorm statistics are
+re-estimated on the training tuples first (`config.bn_recalibration`, `vcp_jax.bn_calibration`;
+`metrics.json` records which were used, under `bn_statistics`). The report is on the test
+split's deterministic tuples, from the checkpoint with the lowest validation loss: overall and
 per-option accuracy and the option confusion matrix (`metrics.json`, `confusion.png`).
 
     python main.py --config configs/probe.py --config.init_from=~/runs/vcp_r3d --workdir W

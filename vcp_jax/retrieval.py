@@ -14,8 +14,9 @@ has its class.
   batches, `trainer.gather`).
 - `topk_neighbours`: each query's k nearest gallery videos, on the device in chunks of queries,
   so UCF101's 3,783 x 9,537 similarity matrix never exists whole (nor on the host).
-- `topk_accuracy`, and `run()`: `retrieval.json`, `features.npz`, `topk.png`, `examples.json`
-  and `examples.png` in the workdir.
+- `topk_accuracy`, and `run()`: `retrieval.json` (with the chance levels, the gallery's class
+  counts and each query's first-hit rank), `features.npz`, `topk.png`, `examples.json` and
+  `examples.png` in the workdir.
 
     python main.py --config configs/retrieval.py:dataset=ucf101 \
         --config.init_from=~/runs/vcp_r3d --workdir ~/runs/vcp_r3d_retrieval_ucf101
@@ -41,6 +42,7 @@ import tqdm
 from flax import nnx
 
 from vcp_jax import (
+    bn_calibration,
     checkpointing,
     config_utils,
     datasets,
@@ -49,6 +51,7 @@ from vcp_jax import (
     parallel,
     provenance,
     reporting,
+    stats,
     trainer,
 )
 from vcp_jax import conv as conv_lib
@@ -75,6 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config_utils.check_choice(config, "parallel", parallel.STRATEGIES)
     config_utils.check_choice(config, "data.name", datasets.DATASETS)
     config_utils.check_choice(config, "retrieval.feature", FEATURES)
+    bn_calibration.validate_config(config)
     for key in ("batch_size", "data.crop_size", "retrieval.clip_len", "retrieval.num_clips",
                 "retrieval.chunk_size"):
         config_utils.check_positive(config, key)
@@ -177,6 +181,26 @@ def feature_dim(graphdef: nnx.GraphDef, state: State, config: ml_collections.Con
     return int(dim)
 
 
+def calibration_batches(
+    config: ml_collections.ConfigDict, source: Any, num_videos: int
+) -> grain.MapDataset:
+    """Training-split clips for `bn_calibration`: an endless stream of global batches of
+    `config.batch_size` clips, one random clip of a video in shuffled order (every video once
+    per epoch), centre crop as the features'; this host's part. Never the test videos."""
+    sampler = input_pipeline.ClipSampler(source, config.retrieval.clip_len,
+                                         config.data.crop_size, random_crop_=False)
+    return input_pipeline.train_stream(
+        np.arange(num_videos), sampler, global_batch=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def calibration_forward(model: nnx.Module, batch: dict[str, jax.Array], index: jax.Array
+                        ) -> jax.Array:
+    """An `Embedder`'s backbone on a batch of clips, with the features' input scaling."""
+    del index  # the clips are the batch's own; nothing is drawn on the device
+    return model.backbone(to_input(batch["clip"]))
+
+
 def video_batches(
     config: ml_collections.ConfigDict, source: Any, num_videos: int
 ) -> grain.MapDataset:
@@ -273,6 +297,20 @@ def topk_accuracy(
     width = neighbours.shape[1]
     return {int(k): float(hit_by[:, min(k, width) - 1].mean()) if len(hits) else float("nan")
             for k in ks}
+
+
+def first_hit_ranks(
+    neighbours: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray
+) -> np.ndarray:
+    """Per query, the rank (1 = nearest) of its first gallery video of its class, 0 if none of
+    its K ranked neighbours has it: a hit at k iff 0 < rank <= k, as in `topk_accuracy`."""
+    hits = np.asarray(gallery_labels)[neighbours] == np.asarray(query_labels)[:, None]
+    return np.where(hits.any(axis=1), 1 + np.argmax(hits, axis=1), 0).astype(np.int64)
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """How many videos of each class (by label) `labels` holds."""
+    return np.bincount(np.asarray(labels, np.int64), minlength=num_classes).tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,6 +503,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         for name, s in (("queries", queries), ("gallery", gallery))})
 
     strategy = parallel.make_strategy(config.parallel)
+    # Inference-mode BatchNorm with a random backbone's initial statistics (mean 0, var 1)
+    # makes every video's feature nearly the same; config.bn_recalibration re-estimates them
+    # on the gallery (train split) clips first. 'never' keeps the reference code's protocol.
+    new_stats, bn_statistics = bn_calibration.recalibrate(
+        config, nnx.merge(graphdef, *state), calibration_batches(config, gallery.source,
+                                                                 len(gallery)),
+        calibration_forward, strategy, clips_per_batch=config.batch_size,
+        origin="random" if source is None else "init_from")
+    if new_stats is not None:
+        state = (state[0], new_stats)
     step_fn = strategy.compile(functools.partial(feature_step, graphdef=graphdef),
                                donate_state=False)
     placed = strategy.put_state(state)
@@ -476,6 +524,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     sims, neighbours = topk_neighbours(queries.features, gallery.features, max(topk),
                                        settings.chunk_size)
     accuracy = topk_accuracy(neighbours, queries.index.labels, gallery.index.labels, topk)
+    counts = class_counts(gallery.index.labels, len(datasets.class_names(queries.source)))
     results: dict[str, Any] = {
         "task": "retrieval",
         "dataset": config.data.name,
@@ -492,8 +541,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         "crop_size": config.data.crop_size,
         "similarity": "cosine",
         "backbone": origin,
+        "bn_statistics": bn_statistics,
         "topk": {str(k): v for k, v in accuracy.items()},  # fractions of the queries
         "topk_percent": {str(k): 100 * v for k, v in accuracy.items()},
+        # A random ranking's top-k accuracy (hypergeometric, `stats.retrieval_chance`).
+        "chance_topk": {str(k): stats.retrieval_chance(queries.index.labels, counts, k)
+                        for k in topk},
+        "gallery_class_counts": counts,
+        # Per query (test video, in split order), for paired comparisons of two backbones on
+        # the same queries (`stats.paired_difference`); kept last as the longest entry.
+        "per_query": {
+            "label": np.asarray(queries.index.labels).astype(int).tolist(),
+            "first_hit_rank": first_hit_ranks(neighbours, queries.index.labels,
+                                              gallery.index.labels).tolist()},
     }
     write_outputs(workdir, results, queries, gallery, sims, neighbours, settings.num_examples)
     reporting.console(

@@ -83,6 +83,20 @@ def effective_learning_rate(config: ml_collections.ConfigDict) -> float:
     return lr
 
 
+def describe_learning_rate(config: ml_collections.ConfigDict) -> str:
+    """`peak learning rate 0.02 (0.01 x batch 16 / 8)`: the rate the optimizer uses, and why.
+
+    Printed by every training stage, since with `scale_with_batch` the configured
+    `optimizer.learning_rate` is not the rate that trains.
+    """
+    lr = effective_learning_rate(config)
+    text = f"peak learning rate {lr:g}"
+    if config.optimizer.get("scale_with_batch", False):
+        text += (f" ({config.optimizer.learning_rate:g} x batch {config.batch_size} / "
+                 f"{config.optimizer.base_batch_size})")
+    return text
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Constant (the paper) or cosine to zero, each with an optional linear warm-up."""
     lr = effective_learning_rate(config)

@@ -47,6 +47,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -681,6 +682,33 @@ def _validate(params: dict) -> None:
         raise ValueError(f"top_light must be in [0, 255], got {params['top_light']}")
 
 
+class ParamsMismatchError(ValueError):
+    """``out_dir`` holds a synthetic dataset generated with other parameters (``old``, ``new``)."""
+
+    def __init__(self, message: str, old: dict, new: dict):
+        super().__init__(message)
+        self.old, self.new = old, new
+
+
+def remove(out_dir: str | os.PathLike) -> None:
+    """Deletes a dataset that ``generate`` wrote in ``out_dir``: its videos, splits and marker.
+
+    Only what the marker proves the generator wrote (the layout's two folders); anything else in
+    ``out_dir`` stays. Raises ValueError when ``out_dir`` holds no marker.
+    """
+    root = Path(out_dir)
+    marker = _read_marker(root)
+    if marker is None or marker.get("generator") != "vcp_jax.data.synthetic":
+        raise ValueError(f"{root / MARKER_NAME} is missing: refusing to delete data in {root} "
+                         "that the generator did not write")
+    layout = marker.get("params", {}).get("layout")
+    _check_layout(layout)
+    for name in _FOLDERS[layout]:
+        shutil.rmtree(root / name, ignore_errors=True)
+    # The marker last: an interrupted removal still leaves the folder marked as the generator's.
+    (root / MARKER_NAME).unlink()
+
+
 def _read_marker(root: Path) -> dict | None:
     path = root / MARKER_NAME
     if not path.is_file():
@@ -770,9 +798,10 @@ def generate(
     marker = _read_marker(root)
     if marker is not None:
         if marker.get("params") != params:
-            raise ValueError(
+            raise ParamsMismatchError(
                 f"{root} already holds a synthetic dataset with different parameters "
-                f"({marker.get('params')}); requested {params}. Use another --out or delete it."
+                f"({marker.get('params')}); requested {params}. Use another --out or delete it.",
+                old=marker.get("params") or {}, new=params,
             )
         if marker.get("complete"):
             return dataclasses.replace(info, generated=False)
