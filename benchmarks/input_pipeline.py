@@ -60,7 +60,7 @@ def make_config(args: argparse.Namespace, data_dir: Path) -> Any:
 
     config = default.get_config("r3d")
     config.data.data_dir = str(data_dir)
-    config.data.config = args.config
+    config.data.builder_config = args.config
     config.data.num_val_videos = 0
     config.data.crop_size = args.crop
     config.data.num_workers = 0

@@ -53,7 +53,7 @@ def make_config(task: str, args: argparse.Namespace, threads: int, prefetch: int
     config.model.width = args.width
     config.model.dtype = args.dtype
     if args.data_config:
-        config.data.config = args.data_config
+        config.data.builder_config = args.data_config
     config.data.crop_size = args.crop
     config.data.num_threads = threads
     config.data.num_workers = args.workers

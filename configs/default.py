@@ -12,7 +12,7 @@ from vcp_jax import cloze
 def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "pretrain"  # the stage main.py runs: pretrain, finetune, retrieval, probe, demo
-    config.seed = 0
+    config.seed = 0  # parameter init, data order and cloze draws (same seed, same run)
     # A workdir (or its checkpoints/ or one step folder) whose backbone starts this run; its
     # best-validation-loss checkpoint, else the latest. Unused when the run resumes its own.
     config.init_from = ml_collections.config_dict.placeholder(str)
@@ -26,14 +26,17 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "ucf101_frames"  # built with `python -m tfds_builders.build`
-    config.data.config = "split1"  # frames stored at 128x171
-    config.data.data_dir = "~/tensorflow_datasets"
+    # The TFDS builder config: the official fold and the stored frame size (and JPEG quality),
+    # 'split1' (128x171), 'split2_64x85', 'split1_128x171_q75'. Formerly `data.config`, which
+    # still works for one release, with a deprecation message.
+    config.data.builder_config = "split1"
+    config.data.data_dir = "~/tensorflow_datasets"  # where the built datasets are (its --data_dir)
     config.data.num_val_videos = 800  # train videos held out for validation (docs/method.md §3)
     # Fine-tuning and linear evaluation only: train on this many videos per class (None: every
     # training video), a stratified subset of those left after the validation hold-out, drawn
     # with `seed` (same seed, same videos, whatever the init). Retrieval keeps every video.
     config.data.train_videos_per_class = ml_collections.config_dict.placeholder(int)
-    config.data.crop_size = 112
+    config.data.crop_size = 112  # square crop side: random in training, centred in evaluation
     config.data.num_threads = 16  # JPEG-decoding threads per host
     config.data.num_workers = 0  # extra grain processes (0: threads only)
     config.data.synthetic = None  # a ConfigDict here generates a synthetic dataset (see demo)
@@ -42,7 +45,9 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.arch = arch  # 'c3d', 'r3d' or 'r21d'
-    config.model.width = 64  # the paper's backbones; smaller only for CPU demos and tests
+    # Channels of the first stage (stages: width x 1, 2, 4, 8; feature 8 x width): 64 is the
+    # paper's backbones; smaller only for CPU demos and tests.
+    config.model.width = 64
     config.model.dtype = "float32"  # or 'bfloat16' (params and BN statistics stay float32)
     # BatchNorm statistics of the VCP model in training: 'per_clip' as the reference code (each
     # clip position normalised over its own B clips, running statistics updated once per
@@ -56,22 +61,25 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     # §3). With `scale_with_batch` the rate grows linearly with the global batch: 0.01 *
     # batch_size / 8 (e.g. batch 64 on 8 GPUs -> lr 0.08); add warm-up steps for large batches.
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 0.01
-    config.optimizer.base_batch_size = 8
-    config.optimizer.scale_with_batch = True
+    config.optimizer.learning_rate = 0.01  # at base_batch_size
+    config.optimizer.base_batch_size = 8  # the global batch the learning rate is given for
+    config.optimizer.scale_with_batch = True  # lr x batch_size / base_batch_size
     config.optimizer.schedule = "constant"  # or 'cosine' (to zero at num_train_steps)
-    config.optimizer.warmup_steps = 0
-    config.optimizer.momentum = 0.9
-    config.optimizer.weight_decay = 5e-4
+    config.optimizer.warmup_steps = 0  # linear warm-up from 0 over this many steps
+    config.optimizer.momentum = 0.9  # SGD momentum (0: plain SGD)
+    config.optimizer.weight_decay = 5e-4  # L2, added to the gradient before momentum
 
     config.batch_size = 8  # global, over all devices and hosts
     # 200 epochs of the 8,564 UCF101 split-1 train videos that remain after holding out 800
     # (about 1,070 steps of 8 tuples per epoch).
     config.num_train_steps = 214_000
-    config.log_every_steps = 100
-    config.eval_every_steps = 5_000
-    config.checkpoint_every_steps = 5_000
+    config.log_every_steps = 100  # training loss, accuracy and speed to TensorBoard and the bar
+    config.eval_every_steps = 5_000  # validation (it picks the best checkpoint), and at the end
+    config.checkpoint_every_steps = 5_000  # an Orbax checkpoint, and one at the end
     config.keep_checkpoints = 3  # plus the best-validation-loss one
 
     config.parallel = "jit"  # or 'pmap'
+    # Training batches placed on the devices ahead of the step, so that the host-to-device copy
+    # of the next batches overlaps the running step.
+    config.prefetch_to_device = 2
     return config

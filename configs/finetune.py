@@ -48,7 +48,7 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     config.model.arch = kwargs.get("arch") or config_dict.placeholder(str)  # None: init_from's
     config.model.width = config_dict.placeholder(int)  # None: init_from's (64 from scratch)
     config.data.name = f"{dataset}_frames"
-    config.data.config = "split1"  # frames stored at 128x171; the fold is set per fold run
+    config.data.builder_config = "split1"  # its fold is replaced by each fold run's
     config.data.num_val_videos = NUM_VAL_VIDEOS[dataset]  # train videos held out (lowest loss)
 
     config.finetune = ml_collections.ConfigDict()
@@ -63,7 +63,7 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     config.optimizer.learning_rate = 1e-3
     config.num_epochs = 150  # sets num_train_steps from the number of training videos
     config.num_train_steps = config_dict.placeholder(int)  # None: num_epochs worth of steps
-    config.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch
+    config.eval_every_steps = config_dict.placeholder(int)  # validation; None: once per epoch
     config.checkpoint_every_steps = config_dict.placeholder(int)  # None: once per epoch
     config.log_every_steps = 100
     return config

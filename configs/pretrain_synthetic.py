@@ -13,19 +13,19 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config("r3d")
     config.data.data_dir = "~/.cache/vcp_jax/synthetic/tensorflow_datasets"
-    config.data.config = "split1_48x64"
+    config.data.builder_config = "split1_48x64"
     config.data.crop_size = 32
     config.data.num_val_videos = 40
     config.data.num_threads = 4
     config.data.synthetic = ml_collections.ConfigDict(dict(
-        manual_dir="~/.cache/vcp_jax/synthetic/videos",
-        layout="ucf101",
-        num_classes=10,
-        videos_per_class=20,
-        num_frames=150,
-        height=120,
-        width=160,
-        seed=0,
+        manual_dir="~/.cache/vcp_jax/synthetic/videos",  # where the generated .avi files go
+        layout="ucf101",  # official folder layout of the generated dataset (ucf101 | hmdb51)
+        num_classes=10,  # the first 10 motion classes of vcp_jax.data.synthetic.MOTIONS
+        videos_per_class=20,  # generated videos per class
+        num_frames=150,  # frames per generated video
+        height=120,  # frame height of the generated videos (even)
+        width=160,  # frame width of the generated videos (even)
+        seed=0,  # the videos' content; file names do not depend on it
         # A random camera pan per video (never tied to the class): temporal shuffles and remote
         # clips then break the motion of the whole frame, not only of the small objects.
         camera_pan=0.03,

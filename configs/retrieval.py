@@ -20,7 +20,7 @@ from configs import default, finetune
 DATASETS = ("ucf101", "hmdb51")
 # Keys of the pretraining recipe that retrieval has no use for (it does not train).
 TRAINING_ONLY = ("optimizer", "cloze", "num_train_steps", "log_every_steps", "eval_every_steps",
-                 "checkpoint_every_steps", "keep_checkpoints")
+                 "checkpoint_every_steps", "keep_checkpoints", "prefetch_to_device")
 
 
 def get_config(args: str = "") -> ml_collections.ConfigDict:
@@ -42,7 +42,7 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     config.model.arch = kwargs.get("arch") or config_dict.placeholder(str)  # None: init_from's
     config.model.width = config_dict.placeholder(int)  # None: init_from's (64 from scratch)
     config.data.name = f"{dataset}_frames"  # ucf101_frames or hmdb51_frames (tfds_builders)
-    config.data.config = "split1"  # queries: its test videos; gallery: its train videos
+    config.data.builder_config = "split1"  # queries: its test videos; gallery: its train videos
     config.data.crop_size = 112  # centre crop of every clip
     config.batch_size = 16  # videos per global batch (x num_clips clips); divisible by devices
 

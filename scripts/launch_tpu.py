@@ -16,6 +16,14 @@ The checkout (`--repo_dir`) and its environment (`--python`) must exist on every
 dataset must be readable at the same path on each (docs/tpu_and_gpu.md), and the workdir must be
 one folder that all workers share (checkpoints are written by all of them).
 
+Stopping: each worker's main writes its process id to `--pid_file` (on the worker). Ctrl-C (or
+SIGTERM) here is forwarded as SIGTERM to main on every worker, through a second `gcloud ... ssh
+--worker=all`: the run saves a checkpoint at the next step boundary and stops, and its last
+lines still arrive here (gcloud runs in its own session, so Ctrl-C does not cut the stream); a
+second Ctrl-C stops waiting. With `--detach`, stop a run the same way by hand:
+`gcloud compute tpus tpu-vm ssh NAME --zone=Z --worker=all --command='kill -TERM $(cat
+~/.vcp_jax.pid)'`. A preempted TPU VM sends SIGTERM to main itself.
+
 Arguments after `--` are quoted for the remote shell exactly as given: quote a `~` in them
 (`'--workdir=~/runs/r3d'`) to have the worker expand it rather than this machine's shell.
 `--dry_run` prints the gcloud command instead of running it. Standard library only.
@@ -27,8 +35,11 @@ import argparse
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 _FLAG_OR_VARIABLE = r"-{1,2}[\w.-]+|[A-Za-z_]\w*"  # the part before `=` of `--flag=v`, `KEY=v`
 
@@ -51,9 +62,25 @@ def remote_command(args: argparse.Namespace) -> str:
     env = [f"{key}={value}" for key, value in args.env]
     line = " ".join([*(["env", *map(quote_word, env)] if env else []), *program,
                      *map(quote_word, main_args)])
+    pid_file = quote_path(args.pid_file)
     if args.detach:
-        line = f"nohup {line} > {quote_path(args.log_file)} 2>&1 < /dev/null &"
+        line = (f"nohup {line} > {quote_path(args.log_file)} 2>&1 < /dev/null & "
+                f"echo $! > {pid_file}")
+    else:
+        # exec: the shell's pid ($$) becomes main's, which `stop_command` signals.
+        line = f"echo $$ > {pid_file} && exec {line}"
     return f"cd {quote_path(args.repo_dir)} && {line}"
+
+
+def stop_command(args: argparse.Namespace) -> list[str]:
+    """`gcloud ... ssh --worker=all` that sends SIGTERM to main on every worker (only to a
+    process that is main: a stale pid file may name a process that reused the number)."""
+    pid_file = quote_path(args.pid_file)
+    remote = (f"p=$(cat {pid_file} 2>/dev/null) && grep -q -- --distributed /proc/$p/cmdline "
+              f"2>/dev/null && kill -TERM $p")
+    command = gcloud_command(args)
+    return [*command[:command.index("--worker=all") + 1], f"--command={remote}",
+            *args.gcloud_flag]
 
 
 def quote_word(word: str) -> str:
@@ -113,6 +140,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "--log_file on each worker)")
     parser.add_argument("--log_file", default="~/vcp_jax.log",
                         help="each worker's log with --detach (default: %(default)s)")
+    parser.add_argument("--pid_file", default="~/.vcp_jax.pid",
+                        help="where each worker records main's process id, to stop it with "
+                             "SIGTERM (default: %(default)s)")
     parser.add_argument("--gcloud_flag", action="append", default=[], metavar="FLAG",
                         help="extra flag for `gcloud ... ssh`, e.g. --gcloud_flag=--internal-ip")
     parser.add_argument("--dry_run", action="store_true", help="print the gcloud command only")
@@ -134,12 +164,37 @@ def main(argv: Sequence[str]) -> int:
         print(shell_join(command))
         return 0
     print(f"launch_tpu: {shell_join(command)}", file=sys.stderr, flush=True)
+    if args.detach:  # nothing to wait for or forward to
+        try:
+            os.execvp(command[0], command)
+        except OSError as e:
+            print(f"error: cannot run gcloud ({e}); install the Google Cloud CLI",
+                  file=sys.stderr)
+            return 127
     try:
-        os.execvp(command[0], command)
+        # Its own session: Ctrl-C reaches this launcher only, which forwards it, and the
+        # workers' output keeps streaming while they save and stop.
+        child = subprocess.Popen(command, start_new_session=True)
     except OSError as e:
         print(f"error: cannot run gcloud ({e}); install the Google Cloud CLI", file=sys.stderr)
         return 127
-    return 0  # not reached: exec replaced this process
+    forwarded = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal forwarded
+        del frame
+        if forwarded:  # a second signal: stop waiting (the workers go on stopping by themselves)
+            child.terminate()
+            return
+        forwarded = True
+        print(f"launch_tpu: {signal.Signals(signum).name}: sending SIGTERM to main on every "
+              "worker (it saves a checkpoint and stops; again to stop waiting)",
+              file=sys.stderr, flush=True)
+        subprocess.run(stop_command(args), start_new_session=True, check=False)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    return child.wait()
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def _save_backbone(workdir: Path, data_dir: Path) -> dict[str, np.ndarray]:
 def _retrieval_config(data_dir: Path, **overrides):
     config = retrieval_config.get_config("dataset=ucf101")
     config.data.data_dir = str(data_dir)
-    config.data.config = TINY_DATASET_CONFIG
+    config.data.builder_config = TINY_DATASET_CONFIG
     config.data.crop_size = 24
     config.data.num_threads = 2
     config.retrieval.update(clip_len=8, num_clips=2, feature="pooled", num_examples=0)

@@ -282,3 +282,15 @@ def test_unreadable_files(tmp_path, capsys) -> None:
                     "--out", str(out)]) == 2
     assert "use --arch r3d" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_non_finite_checkpoint_is_refused(tmp_path, capsys) -> None:
+    """A NaN weight (a diverged PyTorch run) is refused, naming the tensor; nothing is written."""
+    state_dict = _state_dict("r3d")
+    state_dict["bn1.weight"][0] = float("nan")
+    out = tmp_path / "out"
+    assert ct.main(["--arch", "r3d", "--checkpoint", str(_save(tmp_path, state_dict)),
+                    "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds non-finite values (1 of" in err and "diverged" in err, err
+    assert not (out / checkpointing.CHECKPOINTS_DIR).exists()

@@ -232,7 +232,7 @@ def test_a_fine_tuned_backbone_is_not_tested_on_another_fold(
     assert source.fold == 2
     with pytest.raises(config_utils.UserError, match="fine-tuned on ucf101_frames fold 2"):
         trainer.check_fold(source, config.data)  # config.data is fold 1
-    config.data.config = "split2_32x43"
+    config.data.builder_config = "split2_32x43"
     trainer.check_fold(source, config.data)  # its own fold: fine
 
 

@@ -11,8 +11,10 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,8 +87,8 @@ def test_tpu_dry_run_prints_the_gcloud_command() -> None:
                          "--zone=us-central2-b", "--project=my-proj", "--worker=all"]
     (command,) = [w.removeprefix("--command=") for w in words if w.startswith("--command=")]
     assert shlex.split(command) == [
-        "cd", "~/vcp-jax", "&&", "env", "XLA_FLAGS=--a --b", ".venv/bin/python", "main.py",
-        "--distributed", *MAIN_ARGS]
+        "cd", "~/vcp-jax", "&&", "echo", "$$", ">", "~/.vcp_jax.pid", "&&", "exec", "env",
+        "XLA_FLAGS=--a --b", ".venv/bin/python", "main.py", "--distributed", *MAIN_ARGS]
     assert command.startswith("cd ~/vcp-jax && ")  # `~` unquoted: the worker's shell expands it
 
 
@@ -95,7 +97,7 @@ def test_tpu_launch_reaches_main_intact_on_the_worker(fakes: Path, tmp_path: Pat
     checkout = tmp_path / "check out"
     checkout.mkdir()
     env = clean_env(PATH=f"{fakes}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
-                    TPU_NAME="my-tpu", ZONE="europe-west4-a")
+                    TPU_NAME="my-tpu", ZONE="europe-west4-a", HOME=str(tmp_path))
     run_script("launch_tpu.py", f"--repo_dir={checkout}", f"--python={fakes / 'fake_python'}",
                "--env=XLA_FLAGS=--xla_x=1", "--", *MAIN_ARGS, env=env)
     assert received(fakes) == {"argv": ["main.py", "--distributed", *MAIN_ARGS],
@@ -109,7 +111,8 @@ def test_tpu_dry_run_output_runs_as_printed(fakes: Path, tmp_path: Path) -> None
     """The printed line, pasted into a shell, does what the launcher would do."""
     line = run_script("launch_tpu.py", "--name=t", "--zone=z", f"--repo_dir={tmp_path}",
                       f"--python={fakes / 'fake_python'}", "--dry_run", "--", *MAIN_ARGS).stdout
-    env = clean_env(PATH=f"{fakes}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path))
+    env = clean_env(PATH=f"{fakes}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
+                    HOME=str(tmp_path))
     subprocess.run(["bash", "-c", line], env=env, check=True, timeout=60)
     assert received(fakes)["argv"] == ["main.py", "--distributed", *MAIN_ARGS]
 
@@ -121,7 +124,37 @@ def test_tpu_detach_and_installed() -> None:
     (command,) = [w.removeprefix("--command=") for w in shlex.split(out)
                   if w.startswith("--command=")]
     assert command == ("cd ~/vcp-jax && nohup vcp-jax --config demo --workdir /w --distributed "
-                       "> ~/vcp_jax.log 2>&1 < /dev/null &")
+                       "> ~/vcp_jax.log 2>&1 < /dev/null & echo $! > ~/.vcp_jax.pid")
+
+
+def test_tpu_ctrl_c_is_forwarded_to_main_on_the_workers(fakes: Path, tmp_path: Path) -> None:
+    """Ctrl-C on the launcher reaches main on the worker as SIGTERM (through a second gcloud
+    ssh and the pid file), and the launcher ends with main's exit status."""
+    (fakes / "sleepy_python").write_text(
+        f"#!{sys.executable}\nimport os, signal, sys, time\n"
+        "d = os.environ['FAKE_DIR']\n"
+        "def stop(signum, frame):\n"
+        "    open(os.path.join(d, 'got_sigterm'), 'w').close()\n"
+        "    sys.exit(128 + signum)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "open(os.path.join(d, 'ready'), 'w').close()\n"
+        "time.sleep(60)\n")
+    (fakes / "sleepy_python").chmod(0o755)
+    env = clean_env(PATH=f"{fakes}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
+                    HOME=str(tmp_path))
+    launcher = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "launch_tpu.py"), "--name=t", "--zone=z",
+         f"--repo_dir={tmp_path}", f"--python={fakes / 'sleepy_python'}", "--", *MAIN_ARGS],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "ready").exists():
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[0]
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGINT)
+    out, _ = launcher.communicate(timeout=30)
+    assert (tmp_path / "got_sigterm").exists(), out
+    assert launcher.returncode == 128 + signal.SIGTERM, out
+    assert "sending SIGTERM to main on every worker" in out
 
 
 def test_tpu_usage_errors() -> None:

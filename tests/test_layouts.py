@@ -143,6 +143,16 @@ def ucf_official_archives(m: Path, d: Data) -> None:
     (m / "UCF101TrainTestSplits-RecognitionTask.zip").write_bytes(ucf101_splits_zip(d))
 
 
+def ucf_tfds_mirror(m: Path, d: Data) -> None:
+    """tensorflow-datasets' copy of the videos, `UCF101_videos.zip` holding `UCF101/`, packed."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for rel, path in sorted(d.ucf_videos.items()):
+            zf.writestr(f"UCF101/{rel}", path.read_bytes())
+    (m / "UCF101_videos.zip").write_bytes(buf.getvalue())
+    (m / "UCF101TrainTestSplits-RecognitionTask.zip").write_bytes(ucf101_splits_zip(d))
+
+
 def ucf_unrar_x(m: Path, d: Data) -> None:  # `unrar x UCF101.rar`, `unzip ...zip`
     put_videos(m / "UCF-101", d.ucf_videos)
     put_files(m / UCF_SPLITS, d.ucf_lists)
@@ -208,8 +218,9 @@ def hmdb_mmaction2(m: Path, d: Data) -> None:  # videos/<class>/, split files in
 LAYOUTS: dict[str, tuple[str, Callable[[Path, Data], None]]] = {
     f.__name__: (name, f)
     for name, fs in {
-        "ucf101_frames": [ucf_official_archives, ucf_unrar_x, ucf_renamed, ucf_mmaction2,
-                          ucf_class_folders_in_manual_dir, ucf_extracted_into_own_folders],
+        "ucf101_frames": [ucf_official_archives, ucf_tfds_mirror, ucf_unrar_x, ucf_renamed,
+                          ucf_mmaction2, ucf_class_folders_in_manual_dir,
+                          ucf_extracted_into_own_folders],
         "hmdb51_frames": [hmdb_official_archives, hmdb_unpacked_in_place, hmdb_outer_unpacked,
                           hmdb_class_rars_in_folder, hmdb_org_folder, hmdb_mmaction2],
     }.items()

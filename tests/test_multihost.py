@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import REPO_ROOT
+from vcp_jax import checkpointing
 
 pytestmark = pytest.mark.slow
 # Two steps: 1 and 2 processes reduce over devices in different orders, so their values agree to
@@ -223,3 +224,27 @@ def test_killing_one_process_and_restarting_both_resumes(
                         jax.tree.leaves(initial), strict=True):
         np.testing.assert_allclose(a - a0, b - a0, rtol=0,
                                    atol=1e-3 * np.abs(b - a0).max() + 1e-9)
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step(data_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """A preemption notice reaching one host: every host saves the same step and exits 143."""
+    workdir = tmp_path / "sigterm"
+    extra = ("--config.num_train_steps=400", "--config.checkpoint_every_steps=1000",
+             "--config.eval_every_steps=1000")
+    processes = _launch("tests/tiny_pretrain_config.py", workdir, data_dir, processes=2,
+                        parallel="jit", extra=extra)
+    deadline = time.time() + 600
+    while not (workdir / "tensorboard").is_dir():  # made just before the training loop
+        assert all(p.poll() is None for p in processes), "a process ended before training"
+        assert time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(2)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+    (step,) = checkpointing.find_own_steps(workdir)
+    assert f"stopped by SIGTERM after step {step}" in outputs[0]
+    assert not (workdir / "run.lock").exists()  # process 0's lock, released

@@ -19,7 +19,7 @@ def _data(root: Path, **overrides) -> ml_collections.ConfigDict:
     """The smallest synthetic UCF101-layout dataset the generator allows (2 classes x 4 videos)."""
     data = ml_collections.ConfigDict()
     data.name = "ucf101_frames"
-    data.config = CONFIG
+    data.builder_config = CONFIG
     data.data_dir = str(root / "tfds")
     data.synthetic = ml_collections.ConfigDict(dict(
         manual_dir=str(root / "videos"), layout="ucf101", num_classes=2, videos_per_class=4,

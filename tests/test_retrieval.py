@@ -140,7 +140,7 @@ def test_feature_is_9216_d_at_the_papers_size(arch: str) -> None:
 def tiny_retrieval_config(data_dir: Path, **retrieval_settings):
     config = retrieval_config.get_config("dataset=ucf101")
     config.data.data_dir = str(data_dir)
-    config.data.config = TINY_DATASET_CONFIG
+    config.data.builder_config = TINY_DATASET_CONFIG
     config.data.crop_size = 24
     config.data.num_threads = 2
     config.retrieval.clip_len = 8

@@ -15,7 +15,7 @@ def tiny_config(data_dir: Path):
 
     config = pretrain_synthetic.get_config()
     config.data.data_dir = str(data_dir)
-    config.data.config = TINY_DATASET_CONFIG
+    config.data.builder_config = TINY_DATASET_CONFIG
     config.data.synthetic = None
     config.data.crop_size = 24
     config.data.num_val_videos = 4

@@ -402,6 +402,12 @@ def _resolved(path: Path) -> Path:
         return path
 
 
+def find_archives(manual_dir: Path, names: Iterable[str]) -> list[Path]:
+    """The files called `names` (ignoring case) in `manual_dir` or one folder down, as a build
+    looks for the official archives."""
+    return _named_files(_scan(Path(manual_dir).expanduser(), ARCHIVES_DEPTH), names)
+
+
 def _named_files(tree: dict[Path, _Folder], names: Iterable[str]) -> list[Path]:
     wanted = {n.casefold() for n in names}
     return [

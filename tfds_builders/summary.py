@@ -2,7 +2,8 @@
 
 Printed after every build and stored in `build_report.json` beside the dataset, so a user sees at
 once whether the build is the dataset they meant (every class there, no mass of skipped files,
-videos long enough for a pretraining tuple). `describe_built` gives the same summary for a dataset
+videos long enough for a pretraining tuple, as many videos as the official release: a warning
+says when the counts differ). `describe_built` gives the same summary for a dataset
 built earlier, from its report, or by reading the dataset when the report lacks the figures.
 """
 
@@ -15,6 +16,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tfds_builders import official
 
 REPORT_NAME = "build_report.json"
 # A VCP pretraining tuple: 3 clips of 16 frames, gaps of 8 (docs/method.md §1): 3*16 + 2*8.
@@ -118,6 +121,9 @@ def format_summary(report: dict[str, Any], path: Path | None = None, width: int 
             lines.append(f"    {name}: {s['video']}: {s['reason']}")
         if len(skipped) > _LISTED_IN_CONSOLE:
             lines.append(f"    ... {len(skipped) - _LISTED_IN_CONSOLE} more in the report")
+    check = official.report_check(report)  # against the official release's counts
+    if check is not None:
+        lines.append(f"  {check}")
     return "\n".join(lines)
 
 

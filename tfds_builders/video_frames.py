@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from tfds_builders import official
 from tfds_builders import summary as summary_lib
 from tfds_builders.layouts import DatasetLayout, Located, ManualDirError, locate
 from vcp_jax.data import splits as splits_lib
@@ -195,6 +196,9 @@ class VideoFramesBuilder(tfds.core.GeneratorBasedBuilder, abc.ABC, skip_registra
             "videos_found": located.videos_found,
             "class_folders": located.class_folders,
             "num_workers": self.num_workers,
+            # The synthetic generator's videos in an official layout: not compared with the
+            # official release in the summary.
+            "synthetic": (located.manual_dir / official.SYNTHETIC_MARKER).is_file(),
             "min_tuple_frames": summary_lib.TUPLE_FRAMES,
             "splits": {},
         }

@@ -9,7 +9,11 @@ executed: the trailing `# comment` on the line that sets a key, else the comment
 above it. A key takes the last meaning found along the chain that builds it (the config, the
 config it derives from via `config = default.get_config(...)`, and functions that build a
 section such as `config.cloze = cloze.default_config()`), so an override without a comment keeps
-the base config's explanation. A key without any comment gets an empty meaning.
+the base config's explanation; a local variable assigned into the config (`config.finetune = ft`)
+is followed too, and a key of a stage section without a comment of its own takes the meaning of
+the same key in the configs. `default.py` is listed whole, every other config only with what it
+adds or changes. A listed key without any meaning is an error (exit status 1, the key named), so
+the test that keeps docs/configuration.md current fails on it.
 """
 
 from __future__ import annotations
@@ -112,8 +116,23 @@ class MeaningCollector:
         func = source.functions.get(name)
         if func is None:
             return
-        roots = {n.value.id for n in ast.walk(func)
+        # The names that hold the config: the returned one, and locals assigned into it
+        # (`config.finetune = ft` makes `ft.data.crop_size` the key `finetune.data.crop_size`).
+        roots = {n.value.id: prefix for n in ast.walk(func)
                  if isinstance(n, ast.Return) and isinstance(n.value, ast.Name)}
+        grown = True
+        while grown:
+            grown = False
+            for node in _statements(func.body):
+                if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Name)
+                        and node.value.id not in roots):
+                    continue
+                for target in node.targets:
+                    chain = _key_chain(target)
+                    if chain is not None and len(chain) > 1 and chain[0] in roots:
+                        roots[node.value.id] = roots[chain[0]] + ".".join(chain[1:]) + "."
+                        grown = True
+                        break
         for node in _statements(func.body):
             if isinstance(node, ast.Return) and node.value is not None:
                 self._value(source, node.value, prefix)
@@ -123,10 +142,11 @@ class MeaningCollector:
                 chain = _key_chain(target)
                 if chain is None or chain[0] not in roots or node.value is None:
                     continue
-                key = prefix + ".".join(chain[1:])
+                root = roots[chain[0]]
+                key = root + ".".join(chain[1:])
                 if len(chain) > 1:
                     self._record(key, source.meaning(node.lineno, node.end_lineno or node.lineno))
-                self._value(source, node.value, f"{key}." if len(chain) > 1 else prefix)
+                self._value(source, node.value, f"{key}." if len(chain) > 1 else root)
 
     def _value(self, source: SourceFile, value: ast.expr, prefix: str) -> None:
         """Keys inside a value: a ConfigDict/dict literal, or a call to a builder we can read."""
@@ -213,6 +233,7 @@ class ConfigReference:
     summary: str
     signature: str
     rows: list[tuple[str, Any, str]]  # (key, default or SECTION, meaning), sorted by key
+    stages: tuple[str, ...] = ()  # sections that are whole stage configs (they hold a `task`)
 
 
 def load_config(configs_dir: Path, stem: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -255,16 +276,100 @@ def describe(configs_dir: Path, stem: str) -> ConfigReference:
         rows.append((key, value, collector.meanings.get(key, "")))
     docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
     summary = " ".join(docstring.split("\n\n")[0].split())
-    return ConfigReference(path, summary, signature if signature != "()" else "", rows)
+    stages = tuple(k for k, v in config.items()
+                   if isinstance(v, ml_collections.ConfigDict) and "task" in v)
+    return ConfigReference(path, summary, signature if signature != "()" else "", rows, stages)
+
+
+def fill_stage_meanings(references: Sequence[ConfigReference]) -> None:
+    """A key of a stage section (the demo's `finetune.data.crop_size`) without a comment of its
+    own takes the meaning of the same key (`data.crop_size`) in the configs, or in another stage
+    section: `default.py`'s first, then the others' in order."""
+    known: dict[str, str] = {}
+    for ref in references:
+        for key, _, meaning in ref.rows:
+            stage, _, rest = key.partition(".")
+            for name in (key, rest) if stage in ref.stages else (key,):
+                if meaning and name not in known:
+                    known[name] = meaning
+    for ref in references:
+        for i, (key, value, meaning) in enumerate(ref.rows):
+            stage, _, rest = key.partition(".")
+            if not meaning and stage in ref.stages and rest in known:
+                ref.rows[i] = (key, value, known[rest])
 
 
 # --- rendering -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Shown:
+    """The rows of one config as the reference shows them, against the base config."""
+
+    rows: list[tuple[str, Any, str, bool]]  # (key, value or SECTION, meaning, changed)
+    dropped: list[str]  # keys (or `section.*`) of the base config that this one removes
+
+
+def shown_rows(ref: ConfigReference, base: ConfigReference | None) -> Shown:
+    """Every row of the base config; of another, only what it adds or changes over the base: a
+    value, or a meaning of its own. A stage section (the demo's `finetune.*`) is compared with the
+    base config key by key (`finetune.data.crop_size` with `data.crop_size`), by value."""
+    if base is None or ref is base:
+        return Shown([(k, v, m, False) for k, v, m in ref.rows], [])
+    base_values = {k: v for k, v, _ in base.rows if v is not SECTION}
+    base_meanings = {k: m for k, _, m in base.rows}
+    rows = []
+    for key, value, meaning in ref.rows:
+        if value is SECTION:
+            rows.append((key, value, meaning, False))
+            continue
+        stage, _, rest = key.partition(".")
+        if stage in ref.stages:
+            changed = rest not in base_values or base_values[rest] != value
+            show = changed
+        else:
+            changed = key not in base_values or base_values[key] != value
+            show = changed or meaning != base_meanings.get(key, "")
+        if show:
+            rows.append((key, value, meaning, changed))
+    # A section row only where a key below it is shown.
+    keys = [k for k, v, _, _ in rows if v is not SECTION]
+    rows = [r for r in rows if r[1] is not SECTION
+            or any(k.startswith(r[0][:-1]) for k in keys)]
+    own = [k for k, v, _ in ref.rows if v is not SECTION]
+    # Dropped: a base key that is gone, not replaced by a section of that name, in a config
+    # that derives from the base (a config made of stage sections does not).
+    gone = [] if ref.stages else [
+        k for k in base_values if k not in own and not any(o.startswith(k + ".") for o in own)]
+    dropped = []
+    for key in gone:
+        section = key.split(".")[0]
+        if "." in key and all(k in gone for k in base_values if k.startswith(section + ".")):
+            if f"{section}.*" not in dropped:
+                dropped.append(f"{section}.*")
+        else:
+            dropped.append(key)
+    return Shown(rows, dropped)
+
+
+def missing_meanings(references: Sequence[ConfigReference]) -> list[str]:
+    """`<folder>/<name>.py: <key>` for each shown key without a meaning."""
+    base = references[0] if references and references[0].path.stem == "default" else None
+    return [f"{ref.path.parent.name}/{ref.path.name}: {key}"
+            for ref in references for key, _, meaning, _ in shown_rows(ref, base).rows
+            if not meaning]
 
 
 def config_stems(configs_dir: Path) -> list[str]:
     """The config files, `default` first (the others derive from it), then by name."""
     stems = sorted(p.stem for p in configs_dir.glob("*.py") if p.stem != "__init__")
     return sorted(stems, key=lambda s: s != "default")
+
+
+def references_of(configs_dir: Path = CONFIGS_DIR) -> list[ConfigReference]:
+    references = [describe(configs_dir, stem) for stem in config_stems(configs_dir)]
+    fill_stage_meanings(references)
+    return references
 
 
 def _cell(text: str) -> str:
@@ -280,15 +385,19 @@ def _code(value: Any) -> str:
     return _cell(f"{fence}{pad}{text}{pad}{fence}")
 
 
-def render(configs_dir: Path = CONFIGS_DIR) -> str:
-    references = [describe(configs_dir, stem) for stem in config_stems(configs_dir)]
-    base = {key: value for key, value, _ in references[0].rows} if references else {}
-    has_base = bool(references) and references[0].path.stem == "default"
+def render(configs_dir: Path = CONFIGS_DIR,
+           references: Sequence[ConfigReference] | None = None) -> str:
+    references = references_of(configs_dir) if references is None else references
+    base = references[0] if references and references[0].path.stem == "default" else None
     folder = configs_dir.name
     intro = (
-        f"Every key of every config in `{folder}/`, with its default in that config and what it "
-        "means (the comment where it is set, in the config or in the config it derives from)."
-        + (f" Values in bold differ from `{folder}/default.py`." if has_base else "")
+        f"Every key of every config in `{folder}/`, with its default and what it means (the "
+        "comment where it is set, in the config or in the config it derives from)."
+        + (f" `{folder}/default.py` is listed whole; every other config lists only what it adds "
+           f"or changes over it: a value (in bold) or a meaning of its own, and the keys it "
+           f"drops; every key it does not list is as in `{folder}/default.py`. A section that "
+           f"is a whole stage's config (the demo's `pretrain.*`, `finetune.*`, ...) is compared "
+           f"with `{folder}/default.py` in the same way." if base else "")
         + " Override any key on the command line, e.g. `--config.batch_size=64`. A config that "
         "takes arguments gets them after a colon, `--config configs/<name>.py:<arguments>`; "
         "the installed `vcp-jax` command also accepts a bare name, `--config <name>`. "
@@ -306,17 +415,23 @@ def render(configs_dir: Path = CONFIGS_DIR) -> str:
     lines += [f"- [`{folder}/{r.path.name}`](#{_anchor(f'{folder}/{r.path.name}')}): {r.summary}"
               for r in references]
     for ref in references:
+        shown = shown_rows(ref, base)
         lines += ["", f"## {folder}/{ref.path.name}", ""]
         if ref.summary:
             lines += [ref.summary, ""]
         if ref.signature:
             lines += [f"Arguments: `get_config{ref.signature}`", ""]
+        if base is not None and ref is not base:
+            if not shown.rows and not shown.dropped:
+                lines.append(f"Changes over `{folder}/default.py`: none.")
+                continue
+            lines += [f"Changes over `{folder}/default.py`"
+                      + (f"; it drops {', '.join(f'`{k}`' for k in shown.dropped)}"
+                         if shown.dropped else "") + ":", ""]
         lines += ["| key | default | meaning |", "|---|---|---|"]
-        for key, value, meaning in ref.rows:
-            changed = has_base and ref is not references[0] and value is not SECTION and (
-                key not in base or base[key] != value)
-            shown = f"**{_code(value)}**" if changed else _code(value)
-            lines.append(f"| `{key}` | {shown} | {_cell(meaning)} |")
+        for key, value, meaning, changed in shown.rows:
+            cell = f"**{_code(value)}**" if changed else _code(value)
+            lines.append(f"| `{key}` | {cell} | {_cell(meaning)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -336,11 +451,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = str(args.configs_dir.resolve().parent)
     if root not in sys.path:
         sys.path.insert(0, root)  # the configs import each other as a package
-    text = render(args.configs_dir)
+    references = references_of(args.configs_dir)
+    text = render(args.configs_dir, references)
+    status = 0
+    missing = missing_meanings(references)
+    if missing:
+        print(f"{len(missing)} config keys have no meaning; add a comment where each is set (on "
+              "its line, or the lines right above it):\n  " + "\n  ".join(missing),
+              file=sys.stderr)
+        status = 1
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
         if current == text:
-            return 0
+            return status
         diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(args.output),
                                     "generated", lineterm="", n=0)
         print(f"{args.output} is stale; regenerate it with `{COMMAND}`:", file=sys.stderr)
@@ -349,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     print(f"wrote {args.output} ({len(text.splitlines())} lines)")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

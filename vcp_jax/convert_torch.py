@@ -15,7 +15,9 @@ Layouts: conv weights OIDHW -> DHWIO (`nnx.Conv`'s kernel), BatchNorm `weight`, 
 the vcp-jax model itself (`nnx.eval_shape` of `models.create_backbone`), so a key the model does
 not have, a key the checkpoint lacks, or a shape that differs is an error that names the key.
 
-torch is needed by this command only (`pip install torch`); nothing else in vcp-jax imports it.
+torch is needed by this command only, and its CPU build is enough (`pip install torch --index-url
+https://download.pytorch.org/whl/cpu`: a plain `pip install torch` on Linux pulls the CUDA build
+and several GB of NVIDIA libraries); nothing else in vcp-jax imports it.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     try:
         import torch  # noqa: PLC0415 - optional dependency, this command only
     except ImportError:
-        raise UserError("convert_torch needs PyTorch: pip install torch") from None
+        raise UserError("convert_torch needs PyTorch, the CPU build is enough: pip install torch "
+                        "--index-url https://download.pytorch.org/whl/cpu") from None
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConversionError(f"--checkpoint {path} is not a file")
@@ -271,6 +274,11 @@ def convert(arch: str, checkpoint: str | Path, out: str | Path) -> tuple[Convert
     Returns the conversion and the step folder written.
     """
     converted = convert_state_dict(arch, load_state_dict(checkpoint), source=str(checkpoint))
+    # A NaN weight (a diverged PyTorch run) would make every stage built on it meaningless.
+    checkpointing.check_finite_backbone(
+        {"params": converted.params, "batch_stats": converted.batch_stats}, str(checkpoint),
+        prefix="--checkpoint", hint="the PyTorch run that saved it diverged; convert an "
+                                    "earlier checkpoint")
     step_dir = checkpointing.save_backbone(
         out,
         params=converted.params,

@@ -1,10 +1,10 @@
 """Opening the built datasets (`ucf101_frames`, `hmdb51_frames`): sources, per-video facts, splits.
 
-A dataset is named by `config.data` (`name`, `config` such as `split1` or `split1_48x64`,
-`data_dir`). Reading never builds anything: a dataset that is not built is a `UserError` with the
-command that builds it. The synthetic demo dataset is the exception the config asks for
-explicitly (`data.synthetic`): `prepare()` generates its videos and builds it with the real
-builder the first time.
+A dataset is named by `config.data` (`name`, `builder_config` such as `split1` or
+`split1_48x64`, `data_dir`). Reading never builds anything: a dataset that is not built is a
+`UserError` with the command that builds it. The synthetic demo dataset is the exception the
+config asks for explicitly (`data.synthetic`): `prepare()` generates its videos and builds it
+with the real builder the first time.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import tfds_builders  # noqa: F401 - registers ucf101_frames / hmdb51_frames
+from vcp_jax import config_utils
 from vcp_jax.config_utils import UserError
 
 _INDEX_FILE = "video_index_{split}.json"
@@ -37,25 +38,38 @@ def data_dir(data: ml_collections.ConfigDict) -> Path:
     return Path(data.data_dir).expanduser()
 
 
+def builder_config(data: ml_collections.ConfigDict) -> str:
+    """The TFDS builder config, `data.builder_config` (the official fold and the frame size).
+
+    A `data` section that still sets the deprecated `data.config` (a config file not yet updated,
+    used without `main.run_task`, which renames the key) gets that one, with a message.
+    """
+    if "config" in data:
+        config_utils.warn_deprecated("data.config", "data.builder_config", "set in the config")
+        return str(data.config)
+    return str(data.builder_config)
+
+
 def fold_of(data: ml_collections.ConfigDict) -> int:
-    """The official fold of the dataset config: `split2_64x85` -> 2."""
-    name = str(data.config)
+    """The official fold of the builder config: `split2_64x85` -> 2."""
+    name = builder_config(data)
     if not name.startswith("split") or not name[5:6].isdigit():
-        raise UserError(f"config.data.config={name!r} names no fold (expected 'split1', ...)")
+        raise UserError(
+            f"config.data.builder_config={name!r} names no fold (expected 'split1', ...)")
     return int(name[5])
 
 
 def with_fold(data: ml_collections.ConfigDict, fold: int) -> str:
-    """`data.config` with its fold replaced: ('split1_48x64', 2) -> 'split2_48x64'."""
-    name = str(data.config)
+    """`data.builder_config` with its fold replaced: ('split1_48x64', 2) -> 'split2_48x64'."""
+    name = builder_config(data)
     return f"split{fold}{name[6:]}"
 
 
 def builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `data.name/data.config` (reads metadata only, builds nothing)."""
+    """The TFDS builder of `data.name/data.builder_config` (reads metadata, builds nothing)."""
     if data.name not in DATASETS:
         raise UserError(f"config.data.name={data.name!r} is not allowed; choose one of {DATASETS}")
-    return tfds.builder(f"{data.name}/{data.config}", data_dir=str(data_dir(data)))
+    return tfds.builder(f"{data.name}/{builder_config(data)}", data_dir=str(data_dir(data)))
 
 
 def data_source(data: ml_collections.ConfigDict, split: str) -> Any:
@@ -63,9 +77,10 @@ def data_source(data: ml_collections.ConfigDict, split: str) -> Any:
     b = builder(data)
     if not b.is_prepared():
         raise DatasetNotBuiltError(
-            f"dataset {data.name}/{data.config} is not built in {data_dir(data)}. Build it with:\n"
+            f"dataset {data.name}/{builder_config(data)} is not built in {data_dir(data)}. "
+            f"Build it with:\n"
             f"  python -m tfds_builders.build {data.name} --manual_dir=<downloaded archives or "
-            f"videos> --data_dir={data_dir(data)} --config={data.config}"
+            f"videos> --data_dir={data_dir(data)} --config={builder_config(data)}"
         )
     return b.as_data_source(split=split)
 
@@ -145,7 +160,7 @@ def describe(data: ml_collections.ConfigDict, split: str, index: VideoIndex,
              indices: np.ndarray) -> dict[str, Any]:
     """Provenance of the videos a stage used: dataset, fold, split, count and ids hash."""
     return {
-        "dataset": f"{data.name}/{data.config}",
+        "dataset": f"{data.name}/{builder_config(data)}",
         "data_dir": str(data_dir(data)),
         "split": split,
         "num_videos": int(len(indices)),
@@ -224,7 +239,7 @@ def prepare(data: ml_collections.ConfigDict) -> None:
     wanted = synthetic_options(data)
     built = builder(data)
     record = Path(built.data_dir) / SYNTHETIC_RECORD
-    name = f"{data.name}/{data.config}"
+    name = f"{data.name}/{builder_config(data)}"
     reason = None  # why an existing build is replaced; None: no build to replace
     recorded = None
     if built.is_prepared():
@@ -272,7 +287,8 @@ def prepare(data: ml_collections.ConfigDict) -> None:
             return
         shutil.rmtree(built.data_dir)
     built = build_lib.build(data.name, manual_dir=manual_dir, data_dir=data_dir(data),
-                            config=data.config, num_workers=synthetic_config.get("build_workers"))
+                            config=builder_config(data),
+                            num_workers=synthetic_config.get("build_workers"))
     _write_record(Path(built.data_dir) / SYNTHETIC_RECORD, wanted, manual_dir)
 
 

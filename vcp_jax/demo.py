@@ -492,7 +492,7 @@ def render_report(
         "",
         f"Pretraining: {pre.model.arch} (width {pre.model.width}) with VCP on "
         f"{results.get('pretrain', {}).get('num_train_videos', '?')} unlabelled synthetic videos "
-        f"({pre.data.name}/{pre.data.config}), {pre.num_train_steps} steps of "
+        f"({pre.data.name}/{pre.data.builder_config}), {pre.num_train_steps} steps of "
         f"{pre.batch_size} tuples. Fine-tuning: {ft.get('num_train_videos', '?')} labelled "
         f"videos of another synthetic dataset ({config.finetune.data.name}), "
         f"{config.finetune.num_train_steps} steps, tested on "

@@ -114,9 +114,10 @@ def train_step(
         logits = model(inputs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
-    state, loss, logits = trainer.update(state, ctx, loss_fn)
+    state, loss, logits, grad_norm = trainer.update_with_norm(state, ctx, loss_fn)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return state, trainer.reduce_metrics({"loss": loss, "accuracy": accuracy}, ctx)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
+    return state, trainer.reduce_metrics(metrics, ctx)
 
 
 def eval_step(
@@ -258,6 +259,9 @@ def finetune_data(
         train_idx = train_subset(train_idx, index.labels, int(per_class), config.seed, names)
     test_idx = np.arange(len(test_index))
     clip_len, crop = config.finetune.clip_len, config.data.crop_size
+    warn_short_videos(clip_len, {"train": index.num_frames[train_idx],
+                                 "held-out": index.num_frames[val_idx],
+                                 "test": test_index.num_frames})
     shard = dict(process_index=process_index, process_count=process_count)
     train = input_pipeline.train_stream(
         train_idx, input_pipeline.ClipSampler(source, clip_len, crop, random_crop_=True),
@@ -284,6 +288,20 @@ def finetune_data(
     return FinetuneData(train, val, test, len(train_idx), len(val_idx), len(test_idx),
                         names, described, train_test=train_test,
                         train_class_counts=class_counts)
+
+
+def warn_short_videos(clip_len: int, num_frames: dict[str, np.ndarray]) -> None:
+    """Says how many videos (per split) are shorter than a clip: their clips repeat the last
+    frame, which a user should know before reading the accuracy."""
+    short = {name: int((np.asarray(n) < clip_len).sum()) for name, n in num_frames.items()}
+    if not any(short.values()):
+        return
+    shortest = min(int(np.min(n)) for n in num_frames.values() if len(n))
+    counts = ", ".join(f"{count} of {len(num_frames[name])} {name}"
+                       for name, count in short.items() if count)
+    reporting.console(
+        f"warning: {counts} videos are shorter than config.finetune.clip_len={clip_len} frames "
+        f"(the shortest has {shortest}); their clips repeat the last frame")
 
 
 def fill_schedule(config: ml_collections.ConfigDict, num_train_videos: int) -> None:
@@ -340,9 +358,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dict[str, Any]:
     """Fine-tunes on one fold's train split and tests the lowest-validation-loss checkpoint."""
     config = copy.deepcopy(config)
+    config_utils.migrate_deprecated_keys(config)
     config.finetune.fold = fold
     config.finetune.folds = (fold,)
-    config.data.config = datasets.with_fold(config.data, fold)
+    config.data.builder_config = datasets.with_fold(config.data, fold)
     done = workdir / "metrics.json"
     if done.is_file():
         result = reporting.read_json(done)

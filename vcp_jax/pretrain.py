@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     try:
         cloze.validate_config(config.cloze)
     except ValueError as e:
-        raise config_utils.ConfigError(f"config.cloze: {e}") from None
+        # "cloze config clip_len=6: ..." names the key as config.cloze.clip_len.
+        message, named = re.subn(r"^cloze config (\w+)=", r"config.cloze.\1=", str(e))
+        raise config_utils.ConfigError(message if named else f"config.cloze: {e}") from None
 
 
 def create_model(
@@ -127,9 +130,10 @@ def train_step(
         logits = model(inputs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
-    state, loss, logits = trainer.update(state, ctx, loss_fn)
+    state, loss, logits, grad_norm = trainer.update_with_norm(state, ctx, loss_fn)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return state, trainer.reduce_metrics({"loss": loss, "accuracy": accuracy}, ctx)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
+    return state, trainer.reduce_metrics(metrics, ctx)
 
 
 def calibration_forward(
@@ -232,9 +236,13 @@ def pretrain_data(
     train_idx = train_idx[long_enough[train_idx]]
     val_idx = val_idx[long_enough[val_idx]]
     if len(train_idx) == 0:
-        raise config_utils.UserError(
-            f"no training video of {config.data.name}/{config.data.config} has the {spec.span} "
-            f"frames a tuple needs")
+        c = config.cloze
+        raise config_utils.ConfigError(
+            f"no training video of {config.data.name}/{config.data.builder_config} has the "
+            f"{spec.span} frames a tuple needs (config.cloze.num_clips={c.num_clips} x "
+            f"config.cloze.clip_len={c.clip_len} + {c.num_clips - 1} x "
+            f"config.cloze.interval={c.interval}); the longest has "
+            f"{int(index.num_frames.max(initial=0))}")
     shard = dict(process_index=process_index, process_count=process_count)
     sampler = input_pipeline.TupleSampler(source, spec)
     train = input_pipeline.train_stream(train_idx, sampler, global_batch=config.batch_size,
@@ -288,6 +296,7 @@ def train_vcp(
     """
     workdir = Path(workdir).expanduser()
     config = copy.deepcopy(config)  # filled in below (arch and width from init_from)
+    config_utils.migrate_deprecated_keys(config)
     source = trainer.resolve_init(config, workdir)
     validate_config(config)
     if config.get("num_train_steps") is None:
@@ -302,7 +311,7 @@ def train_vcp(
     what = "VCP probe" if frozen_backbone else "VCP pretraining"
     reporting.console(
         f"{what}: {config.model.arch} (width {config.model.width}) on "
-        f"{data.num_train_videos} videos of {config.data.name}/{config.data.config}, "
+        f"{data.num_train_videos} videos of {config.data.name}/{config.data.builder_config}, "
         f"validating on {data.num_val_videos}"
         + (f", testing on {data.num_test_videos}" if frozen_backbone else "")
         + (f" ({data.num_too_short} too short for a tuple, skipped)" if data.num_too_short
@@ -373,7 +382,7 @@ def train_vcp(
         final["backbone"] = source.describe() if source is not None else "random init"
         final["bn_statistics"] = bn_statistics
         step = result.best_step or config.num_train_steps
-        title = (f"VCP probe, {config.data.name}/{config.data.config} test tuples "
+        title = (f"VCP probe, {config.data.name}/{config.data.builder_config} test tuples "
                  f"({test.get('test_tuples', 0)}), step {step}")
         reporting.plot_confusion(workdir / "confusion.png", np.asarray(test["test_confusion"]),
                                  names, title)

@@ -1,11 +1,14 @@
 """What a run writes for people: TensorBoard scalars, JSON results and PNG plots (process 0 only).
 
 Every writer here is a no-op on processes other than 0, so stage code calls them unconditionally
-and a multi-host run writes each file once.
+and a multi-host run writes each file once. The plots need matplotlib (a dependency of the
+package); without it a stage still ends with its results, and says once "plots skipped: install
+matplotlib".
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -77,6 +80,20 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+PLOTS_SKIPPED = "plots skipped: install matplotlib"
+
+
+@functools.cache
+def plotting_available() -> bool:
+    """Whether matplotlib is installed; when it is not, says so once per process (process 0)."""
+    try:
+        import matplotlib  # noqa: F401, PLC0415 - the plots are the only users
+    except ImportError:
+        console(PLOTS_SKIPPED)
+        return False
+    return True
+
+
 def _pyplot() -> Any:
     import matplotlib  # noqa: PLC0415 - plotting is optional work at the end of a stage
 
@@ -90,7 +107,7 @@ def plot_confusion(
     path: Path, matrix: np.ndarray, names: Sequence[str], title: str, *, normalize: bool = True
 ) -> None:
     """A confusion matrix (rows: true class, columns: predicted) as a PNG."""
-    if not is_main_process():
+    if not is_main_process() or not plotting_available():
         return
     plt = _pyplot()
     matrix = np.asarray(matrix, np.float64)
@@ -128,7 +145,7 @@ def plot_curves(
     logx: bool = False,
 ) -> None:
     """Named (x, y) curves on one plot, as a PNG."""
-    if not is_main_process():
+    if not is_main_process() or not plotting_available():
         return
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -154,7 +171,7 @@ def plot_bars(
     ylabel: str,
 ) -> None:
     """Grouped bars: `groups[series][category] = value`, as a PNG."""
-    if not is_main_process():
+    if not is_main_process() or not plotting_available():
         return
     plt = _pyplot()
     series = list(groups)

@@ -89,7 +89,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in topk)):
         raise config_utils.ConfigError(
             f"config.retrieval.topk={topk!r} must be a non-empty sequence of ints >= 1")
-    datasets.fold_of(config.data)  # a UserError unless data.config names a fold
+    datasets.fold_of(config.data)  # a UserError unless data.builder_config names a fold
     if config.batch_size % jax.device_count():
         raise config_utils.ConfigError(
             f"config.batch_size={config.batch_size} must be divisible by the number of devices "
@@ -353,6 +353,8 @@ def plot_examples(
 ) -> None:
     """One row per query: its middle frame, then its nearest gallery videos' (green: its class,
     red: another). Uses matplotlib's object API, leaving the user's pyplot backend alone."""
+    if not reporting.plotting_available():
+        return
     from matplotlib.figure import Figure  # noqa: PLC0415 - plotting only at the end
 
     cols = 1 + max(len(e["neighbours"]) for e in examples)
@@ -475,6 +477,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     """
     workdir = Path(workdir).expanduser()
     config = copy.deepcopy(config)  # filled in below (arch and width from init_from)
+    config_utils.migrate_deprecated_keys(config)
     _refuse_training_workdir(workdir)
     source = trainer.resolve_init(config, workdir)
     validate_config(config)
@@ -491,10 +494,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     queries, gallery = open_split(config.data, "test"), open_split(config.data, "train")
     if not len(gallery):
         raise config_utils.UserError(
-            f"{config.data.name}/{config.data.config} has no train videos to retrieve")
+            f"{config.data.name}/{config.data.builder_config} has no train videos to retrieve")
     reporting.console(
-        f"retrieval on {config.data.name}/{config.data.config} (fold {fold}): {len(queries)} "
-        f"test videos as queries, {len(gallery)} train videos as the gallery; "
+        f"retrieval on {config.data.name}/{config.data.builder_config} (fold {fold}): "
+        f"{len(queries)} test videos as queries, {len(gallery)} train videos as the gallery; "
         f"{settings.feature} features ({dim:,}-d), mean of {settings.num_clips} clips of "
         f"{settings.clip_len} frames; the {origin}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -528,7 +531,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     results: dict[str, Any] = {
         "task": "retrieval",
         "dataset": config.data.name,
-        "data_config": config.data.config,
+        "data_config": config.data.builder_config,
         "fold": fold,
         "queries": "test",
         "gallery": "train",

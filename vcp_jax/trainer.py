@@ -13,12 +13,16 @@ model, its pure `train_step(state, batch, ctx)` / `eval_step(state, batch, ctx)`
   sums (every example counted once on any number of devices and hosts) or per-example outputs;
 - `init_state()`: resume > init_from > scratch, as big_vision and scenic order them;
 - `train_loop()`: steps, progress bar, TensorBoard, one line per evaluation, checkpoints (the last
-  few plus the lowest validation loss) and bit-exact resumption.
+  few plus the lowest validation loss) and bit-exact resumption;
+- what it survives (docs/faults.md): divergence (`Diverged`, nothing non-finite saved), a
+  resumed run with a changed config (refused), damaged checkpoints (the previous one is used),
+  SIGTERM / SIGINT (a checkpoint at the step boundary).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -33,7 +37,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from vcp_jax import checkpointing, config_utils, models, parallel, reporting
+from vcp_jax import checkpointing, config_utils, models, parallel, reporting, signals
 from vcp_jax import conv as conv_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -208,8 +212,21 @@ def update(
     """One optimizer step: `loss_fn(model) -> (loss, aux)` on the model of `state`.
 
     Gradients are averaged over the pmap axis; frozen parameters get neither a gradient (the
-    backward pass does not reach them) nor an update.
+    backward pass does not reach them) nor an update. `update_with_norm` also returns the
+    gradient norm.
     """
+    new_state, loss, aux, _ = update_with_norm(state, ctx, loss_fn)
+    return new_state, loss, aux
+
+
+def update_with_norm(
+    state: TrainState,
+    ctx: StepContext,
+    loss_fn: Callable[[nnx.Module], tuple[jax.Array, Any]],
+) -> tuple[TrainState, jax.Array, Any, jax.Array]:
+    """`update`, plus the global norm of the (averaged) gradients: with the loss, what
+    `train_loop` checks for divergence at every log step (computed on the device, fetched with
+    the other metrics, so it costs no extra synchronisation)."""
 
     def wrapped(params: nnx.State) -> tuple[jax.Array, tuple[Any, nnx.State]]:
         if ctx.trainable is not None:
@@ -231,7 +248,7 @@ def update(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
-    return new_state, loss, aux
+    return new_state, loss, aux, optax.global_norm(grads)
 
 
 def eval_model(state: TrainState, ctx: StepContext) -> nnx.Module:
@@ -328,9 +345,22 @@ def resolve_init(
     """
     own = checkpointing.find_own_steps(workdir)
     if own:
-        step_dir = Path(workdir) / checkpointing.CHECKPOINTS_DIR / str(own[-1])
-        _fill_model_config(config, checkpointing.read_config(step_dir)["model"], step_dir)
-        return None
+        # The newest checkpoint whose config reads (a damaged one is reported and moved aside
+        # by `init_state`); a changed config is refused here, before any data or compile work.
+        for step in reversed(own):
+            step_dir = Path(workdir) / checkpointing.CHECKPOINTS_DIR / str(step)
+            try:
+                stored = checkpointing.read_config(step_dir, what="resume")
+            except checkpointing.CheckpointError:
+                continue
+            checkpointing.check_resume_config(stored, config, step=step, where=step_dir,
+                                              skip_unset=True)
+            _fill_model_config(config, stored["model"], step_dir)
+            return None
+        raise checkpointing.CheckpointError(
+            f"no checkpoint in {Path(workdir) / checkpointing.CHECKPOINTS_DIR} has a readable "
+            f"config (steps {', '.join(map(str, own))}); delete the folder (or choose another "
+            f"--workdir) to start again")
     source = checkpointing.load_backbone(config.init_from) if config.get("init_from") else None
     if source is not None:
         _fill_model_config(config, source.config["model"], source.path)
@@ -394,11 +424,27 @@ def init_state(
 ) -> tuple[TrainState, int, str]:
     """(state, first step, what happened): resume > init_from > scratch.
 
-    `state` is freshly initialised (host arrays); the result is too.
+    `state` is freshly initialised (host arrays); the result is too. Resuming compares the
+    checkpoint's config with `checkpoints.config` (now complete: a stage has filled in what it
+    derives from the data) and falls back past damaged checkpoints, with a warning on the
+    console; the disk must have room for one more checkpoint.
     """
+    checkpoints.check_free_space(state)
     if checkpoints.latest_step() is not None:
-        state, step = checkpoints.restore_latest(state)
-        return state, step, f"resumed from the checkpoint of step {step} in {checkpoints.directory}"
+        accepted: list[str] = []
+
+        def check(step: int, stored: dict[str, Any]) -> None:
+            accepted[:] = checkpointing.check_resume_config(
+                stored, checkpoints.config, step=step,
+                where=checkpoints.directory / str(step))
+
+        state, step, warnings = checkpoints.restore_newest(state, check_config=check)
+        for warning in warnings:
+            reporting.console(f"warning: {warning}")
+        changed = (f"; with config changes allowed by --allow_config_change: "
+                   f"{'; '.join(accepted)}" if accepted else "")
+        return state, step, (f"resumed from the checkpoint of step {step} in "
+                             f"{checkpoints.directory}{changed}")
     if source is None:
         return state, 0, "starting from random initialisation"
     state = init_backbone(state, source)
@@ -424,8 +470,9 @@ def check_fold(source: checkpointing.BackboneCheckpoint, data: ml_collections.Co
         raise config_utils.UserError(
             f"the backbone in {source.path} was fine-tuned on {trained_on} fold {source.fold}; "
             f"fold {fold}'s test videos include videos it trained on. Test it on fold "
-            f"{source.fold} (config.data.config='{datasets.with_fold(data, source.fold)}') or "
-            f"start from a checkpoint that was not fine-tuned on {trained_on}."
+            f"{source.fold} (config.data.builder_config="
+            f"'{datasets.with_fold(data, source.fold)}') or start from a checkpoint that was not "
+            f"fine-tuned on {trained_on}."
         )
 
 
@@ -441,6 +488,12 @@ class LoopResult:
     best_step: int | None
     start_step: int
     timing: dict[str, float]  # where the loop's wall time went (see `train_loop`)
+
+
+class Diverged(config_utils.UserError):
+    """Training produced a NaN or an infinity; nothing from that step on was saved."""
+
+    exit_code = 3  # main's exit status: not a config mistake (2), not a signal (128 + n)
 
 
 def train_loop(
@@ -465,6 +518,12 @@ def train_loop(
     `log_every_steps`, so the host does not wait for a step to finish in between. The timing
     (logged as `train/input_wait_fraction`, returned in `LoopResult.timing`) separates the first
     step (compilation), the time the loop waited for input, evaluation and checkpointing.
+
+    Faults (docs/faults.md): the loss and the gradient norm of every step are checked when they
+    are fetched (each log step, and before each save), and a non-finite one, or a non-finite
+    validation loss, raises `Diverged` naming the step and the last checkpoint on disk, which
+    stays the newest (a non-finite state is never saved). SIGTERM / SIGINT (`signals`) save the
+    step just finished and raise `signals.Stopped`.
     """
     is_main = jax.process_index() == 0
     bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit="step", desc=desc,
@@ -474,64 +533,134 @@ def train_loop(
                                           size=config.get("prefetch_to_device", 2))
     val_metrics: Metrics = {}
     recent: list[Any] = []
+    recent_steps: list[int] = []
     timing = dict.fromkeys(("first_step_seconds", "train_seconds", "train_cpu_seconds",
                             "input_wait_seconds", "eval_seconds", "checkpoint_seconds"), 0.0)
     timing["train_steps"] = 0
     loop_start = window_start = time.perf_counter()
     window_cpu = time.process_time()  # this process's CPU time (all its threads)
     window_wait = window_other = other_cpu = 0.0  # input wait; evaluation and saving
-    for step in range(start_step + 1, config.num_train_steps + 1):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        waited = time.perf_counter() - t0
-        state, metrics = train_fn(state, batch)
-        if step == start_step + 1:  # compilation: timed alone, kept out of the rates
-            jax.block_until_ready(metrics)
-            timing["first_step_seconds"] = time.perf_counter() - t0
-            window_start, window_wait, window_other = time.perf_counter(), 0.0, 0.0
-            window_cpu, other_cpu = time.process_time(), 0.0
-        else:
-            window_wait += waited
-            timing["input_wait_seconds"] += waited
-            timing["train_steps"] += 1
-            recent.append(metrics)
-        bar.update()
-        is_last = step == config.num_train_steps
-        if (step % config.log_every_steps == 0 or is_last) and recent:
-            fetched = [strategy.fetch(m) for m in recent]  # waits for the last step
-            elapsed = time.perf_counter() - window_start - window_other
-            summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            summary["steps_per_second"] = len(recent) / elapsed
-            summary["input_wait_fraction"] = window_wait / elapsed
-            summary["learning_rate"] = float(lr_schedule(step - 1))
-            bar.set_postfix({k: f"{summary[k]:.3f}" for k in ("loss", "accuracy")
-                             if k in summary})
-            reporting.write_scalars(writer, step, summary, prefix="train/")
-            timing["train_seconds"] += elapsed
-            timing["train_cpu_seconds"] += time.process_time() - window_cpu - other_cpu
-            recent, window_wait, window_other = [], 0.0, 0.0
-            window_start, window_cpu, other_cpu = time.perf_counter(), time.process_time(), 0.0
-        evaluated = step % config.eval_every_steps == 0 or is_last
-        if evaluated:
-            t0, c0 = time.perf_counter(), time.process_time()
-            val_metrics = evaluate(state)
-            timing["eval_seconds"] += time.perf_counter() - t0
-            window_other += time.perf_counter() - t0
-            other_cpu += time.process_time() - c0
-            reporting.write_scalars(writer, step, val_metrics)
-            if is_main:
-                bar.write(eval_line(step, val_metrics))
-        if step % config.checkpoint_every_steps == 0 or is_last:
-            t0, c0 = time.perf_counter(), time.process_time()
-            checkpoints.save(step, strategy.get_state(state),
-                             metrics=val_metrics if evaluated else None)
-            timing["checkpoint_seconds"] += time.perf_counter() - t0
-            window_other += time.perf_counter() - t0
-            other_cpu += time.process_time() - c0
-    bar.close()
-    checkpoints.wait()
+
+    def save(step: int, metrics: Metrics | None) -> None:
+        # The steps not checked yet must be finite before their state is saved; fetching them
+        # costs nothing extra here, as the save waits for the step anyway.
+        _check_finite([strategy.fetch(m) for m in recent], recent_steps, checkpoints, config)
+        try:
+            checkpoints.save(step, strategy.get_state(state), metrics=metrics)
+        except checkpointing.NonFiniteError:
+            raise _diverged(step, "the state holds non-finite values", checkpoints,
+                            config) from None
+
+    with signals.training_loop():
+        try:
+            for step in range(start_step + 1, config.num_train_steps + 1):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                waited = time.perf_counter() - t0
+                state, metrics = train_fn(state, batch)
+                if step == start_step + 1:  # compilation: timed alone, kept out of the rates
+                    jax.block_until_ready(metrics)
+                    timing["first_step_seconds"] = time.perf_counter() - t0
+                    _check_finite([strategy.fetch(metrics)], [step], checkpoints, config)
+                    window_start, window_wait, window_other = time.perf_counter(), 0.0, 0.0
+                    window_cpu, other_cpu = time.process_time(), 0.0
+                else:
+                    window_wait += waited
+                    timing["input_wait_seconds"] += waited
+                    timing["train_steps"] += 1
+                    recent.append(metrics)
+                    recent_steps.append(step)
+                bar.update()
+                is_last = step == config.num_train_steps
+                if (step % config.log_every_steps == 0 or is_last) and recent:
+                    fetched = [strategy.fetch(m) for m in recent]  # waits for the last step
+                    _check_finite(fetched, recent_steps, checkpoints, config)
+                    elapsed = time.perf_counter() - window_start - window_other
+                    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    summary["steps_per_second"] = len(recent) / elapsed
+                    summary["input_wait_fraction"] = window_wait / elapsed
+                    summary["learning_rate"] = float(lr_schedule(step - 1))
+                    bar.set_postfix({k: f"{summary[k]:.3f}" for k in ("loss", "accuracy")
+                                     if k in summary})
+                    reporting.write_scalars(writer, step, summary, prefix="train/")
+                    timing["train_seconds"] += elapsed
+                    timing["train_cpu_seconds"] += (time.process_time() - window_cpu
+                                                    - other_cpu)
+                    recent, recent_steps, window_wait, window_other = [], [], 0.0, 0.0
+                    window_start, window_cpu = time.perf_counter(), time.process_time()
+                    other_cpu = 0.0
+                evaluated = step % config.eval_every_steps == 0 or is_last
+                if evaluated:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    val_metrics = evaluate(state)
+                    timing["eval_seconds"] += time.perf_counter() - t0
+                    window_other += time.perf_counter() - t0
+                    other_cpu += time.process_time() - c0
+                    val_loss = val_metrics.get("val_loss")
+                    if isinstance(val_loss, float) and not math.isfinite(val_loss):
+                        raise _diverged(step, f"val_loss={val_loss}", checkpoints, config)
+                    reporting.write_scalars(writer, step, val_metrics)
+                    if is_main:
+                        bar.write(eval_line(step, val_metrics))
+                saved = step % config.checkpoint_every_steps == 0 or is_last
+                if saved:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    save(step, val_metrics if evaluated else None)
+                    timing["checkpoint_seconds"] += time.perf_counter() - t0
+                    window_other += time.perf_counter() - t0
+                    other_cpu += time.process_time() - c0
+                signum = signals.stop_now(step)
+                if signum is not None:
+                    if not saved:
+                        save(step, val_metrics if evaluated else None)
+                    checkpoints.wait()
+                    raise signals.Stopped(
+                        signals.stopped_message(signum, step, checkpoints.directory), signum)
+            checkpoints.wait()  # still in the loop: a signal now waits for the saves
+        finally:
+            bar.close()
+    signum = signals.pending()
+    if signum is not None:  # arrived after the last step's check, while its save completed
+        raise signals.Stopped(
+            signals.stopped_message(signum, config.num_train_steps, checkpoints.directory),
+            signum)
     timing["total_seconds"] = time.perf_counter() - loop_start
     return LoopResult(state, val_metrics, checkpoints.best_step(), start_step, timing)
+
+
+# The metrics whose values must stay finite: a NaN or an infinity in either means the run has
+# diverged (every later step is NaN too).
+FINITE_METRICS = ("loss", "grad_norm")
+
+
+def _check_finite(fetched: list[Mapping[str, Any]], steps: list[int],
+                  checkpoints: checkpointing.RunCheckpoints,
+                  config: ml_collections.ConfigDict) -> None:
+    """Raises `Diverged` at the first of `steps` whose fetched loss or gradient norm is not
+    finite."""
+    for step, metrics in zip(steps, fetched, strict=True):
+        bad = {k: float(np.asarray(metrics[k])) for k in FINITE_METRICS if k in metrics
+               and not np.isfinite(np.asarray(metrics[k])).all()}
+        if bad:
+            shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise _diverged(step, shown, checkpoints, config)
+
+
+def _diverged(step: int, what: str, checkpoints: checkpointing.RunCheckpoints,
+              config: ml_collections.ConfigDict) -> Diverged:
+    """The one-line report: the step, what was not finite, the checkpoint to go back to."""
+    checkpoints.wait()  # saves in flight are of earlier, finite steps: let them complete
+    saved = checkpoints.saved_steps()
+    fix = (f"lower the learning rate (config.optimizer.learning_rate; now "
+           f"{describe_learning_rate(config)}) or add config.optimizer.warmup_steps")
+    if saved:
+        then = (f"the last finite checkpoint is step {saved[-1]} "
+                f"({checkpoints.directory / str(saved[-1])}): {fix} and rerun with "
+                f"--allow_config_change=optimizer to resume from it")
+    else:
+        then = f"no checkpoint was saved before it: {fix} and rerun"
+    return Diverged(f"training diverged at step {step} ({what}); nothing from that step on was "
+                    f"saved; {then}")
 
 
 def eval_line(step: int, metrics: Metrics) -> str:

@@ -5,9 +5,18 @@ from __future__ import annotations
 from tfds_builders import video_frames
 
 _INSTRUCTIONS = """\
-Download from https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/ the
-archives hmdb51_org.rar (2 GB) and test_train_splits.rar into one folder, and pass that folder as
---manual_dir. Leave them packed (they are extracted under <data_dir>/downloads/manual_extracted,
+Download the two archives of the official release into one folder, and pass that folder as
+--manual_dir. The Serre lab's download server (linked from
+https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/) is reported
+defunct by other projects: a copy from any mirror will do, checked with --verify.
+  hmdb51_org.rar          about 2 GB, sha256
+      9e714a0d8b76104d76e932764a7ca636f929fff66279cda3f2e326fa912a328e
+  test_train_splits.rar   sha256
+      229c94f845720d01eb3946d39f39292ea962d50a18136484aa47c1eba251d2b7
+The release holds 6,766 videos in 51 classes; each fold lists 3,570 for training and 1,530 for
+testing (70 + 30 per class) and marks the other 1,666 unused. Check a download before building:
+  python -m tfds_builders.build hmdb51_frames --manual_dir=DIR --verify
+Leave them packed (they are extracted under <data_dir>/downloads/manual_extracted,
 resumably, and left intact) or unpack them the usual way. Accepted layouts in --manual_dir:
   videos, one of
     hmdb51_org.rar                       as downloaded: 51 <class>.rar inside

@@ -13,12 +13,22 @@ if TYPE_CHECKING:
     from vcp_jax.data import video as video_lib
 
 _INSTRUCTIONS = """\
-Download from https://www.crcv.ucf.edu/data/UCF101.php the archives UCF101.rar (6.5 GB) and
-UCF101TrainTestSplits-RecognitionTask.zip into one folder, and pass that folder as --manual_dir.
+Download from https://www.crcv.ucf.edu/data/UCF101.php (or any mirror) the two archives of the
+official release into one folder, and pass that folder as --manual_dir:
+  UCF101.rar                                  about 6.5 GB, sha256
+      ca8dfadb4c891cb11316f94d52b6b0ac2a11994e67a0cae227180cd160bd8e55
+  UCF101TrainTestSplits-RecognitionTask.zip   113,943 bytes, sha256
+      5c0d1a53b8ed364a2ac830a73f405e51bece7d98ce1254fd19ed4a36b224bd27
+tensorflow-datasets' copy of the videos, UCF101_videos.zip (6,960,400,115 bytes, sha256
+dabf56f573cd19c79e096563529fec8126a2a34e18e10c72eb621dd687532b0d, from
+https://storage.googleapis.com/thumos14_files/), may stand in for UCF101.rar.
+The release holds 13,320 videos in 101 classes; fold 1 lists 9,537 for training and 3,783 for
+testing (fold 2: 9,586 + 3,734, fold 3: 9,624 + 3,696). Check a download before building:
+  python -m tfds_builders.build ucf101_frames --manual_dir=DIR --verify
 Leave them packed (they are extracted under <data_dir>/downloads/manual_extracted, resumably,
 and left intact) or unpack them the usual way. Accepted layouts in --manual_dir:
   videos, one of
-    UCF101.rar                                as downloaded
+    UCF101.rar (or UCF101_videos.zip)         as downloaded
     UCF-101/<Class>/v_<Class>_gXX_cYY.avi     after `unrar x UCF101.rar`
     UCF101/UCF-101/<Class>/...                unpacked into a folder of its own
     UCF101/<Class>/..., videos/<Class>/...    renamed (mmaction2 renames it videos/)
@@ -38,7 +48,7 @@ class Builder(video_frames.VideoFramesBuilder):
     LAYOUT = video_frames.DatasetLayout(
         dataset="ucf101",
         title="UCF101",
-        videos_archives=("UCF101.rar",),
+        videos_archives=("UCF101.rar", "UCF101_videos.zip"),
         splits_archives=(
             "UCF101TrainTestSplits-RecognitionTask.zip",
             "ucfTrainTestlist.zip",

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -162,10 +163,25 @@ MOTIONS: tuple[Motion, ...] = _motions()
 MAX_CLASSES = len(MOTIONS)
 
 
-def class_names(layout: str, num_classes: int) -> tuple[str, ...]:
-    """The first ``num_classes`` class names, spelled as ``layout`` spells class names."""
+def select_motions(num_classes: int, classes: Sequence[str] | None = None) -> tuple[Motion, ...]:
+    """The motions of a dataset: ``classes`` by (UCF-style) name, else the first ``num_classes``."""
+    if not classes:
+        return MOTIONS[:num_classes]
+    by_name = {m.name: m for m in MOTIONS}
+    unknown = [c for c in classes if c not in by_name]
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; choose from {', '.join(by_name)}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be distinct, got {list(classes)}")
+    return tuple(by_name[c] for c in classes)
+
+
+def class_names(
+    layout: str, num_classes: int, classes: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    """The dataset's class names (see `select_motions`), spelled as ``layout`` spells them."""
     _check_layout(layout)
-    motions = MOTIONS[:num_classes]
+    motions = select_motions(num_classes, classes)
     return tuple(m.name if layout == "ucf101" else m.hmdb_name for m in motions)
 
 
@@ -267,6 +283,43 @@ def _sample_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray,
     return bg, objects
 
 
+APPEARANCES = ("varied", "shared")
+_SHARED_OBJECT_SIZE = 0.3  # apparent diameter of a shared-world object, fraction of the frame
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_world(world_seed: int, h: int, w: int, texture_pool: int) -> tuple[np.ndarray, tuple]:
+    """The ``shared`` appearance: one plain background colour and ``texture_pool`` sprites.
+
+    Drawn once per world seed, so every video of every dataset of that world (the unlabelled
+    and the labelled one) shows the same background and the same few sprite textures: a scene
+    then says nothing about its video or its class, and only the motion is left to learn.
+    """
+    rng = np.random.default_rng([0x574F524C, world_seed])  # "WORL"
+    colour = rng.uniform(40.0, 215.0, size=3).astype(np.float32)
+    bg = np.broadcast_to(colour, (h, w, 3)).astype(np.float32)
+    base = _SHARED_OBJECT_SIZE * min(h, w)
+    sprites = tuple(_sprite(rng, max(8, math.ceil(base) + 2)) for _ in range(texture_pool))
+    return bg, sprites
+
+
+def _shared_scene(
+    rng: np.random.Generator, h: int, w: int, world_seed: int, texture_pool: int,
+    num_objects: int,
+) -> tuple[np.ndarray, list[_Object]]:
+    """A scene of the shared world: pooled textures at random positions and orientations."""
+    bg, sprites = _shared_world(world_seed, h, w, texture_pool)
+    objects = []
+    for _ in range(num_objects):
+        sprite = sprites[int(rng.integers(len(sprites)))]
+        objects.append(_Object(
+            sprite=sprite, base=float(sprite.shape[0] - 2),
+            center=rng.uniform(0.0, 1.0, 2) * np.array([w, h]),
+            angle=float(rng.uniform(0.0, 360.0)), log_z=0.0, phase=float(rng.random()),
+        ))
+    return bg.copy(), objects
+
+
 def _paste(canvas: np.ndarray, sprite: np.ndarray, matrix: np.ndarray, extent: float) -> None:
     """Alpha-composites ``sprite`` warped by the 2x3 ``matrix`` onto ``canvas``, in place.
 
@@ -328,6 +381,10 @@ def render_video(
     video_index: int,
     camera_pan: float = 0.0,
     top_light: float = 0.0,
+    appearance: str = "varied",
+    world_seed: int = 0,
+    texture_pool: int = 1,
+    num_objects: int = 3,
 ) -> np.ndarray:
     """Renders one video, ``(num_frames, height, width, 3)`` uint8 RGB, before encoding.
 
@@ -338,11 +395,18 @@ def render_video(
     relative to the background, as in hand-held footage). ``top_light`` > 0 lights the frame
     from above, up to that many grey levels brighter at the top than at the bottom (fixed to the
     camera, like sky over ground): scenes then have an up and a down, as real footage does.
+    ``appearance='shared'`` draws the scene from a world shared by every video (one plain
+    background colour, ``texture_pool`` sprite textures, ``num_objects`` objects of one size,
+    all from ``world_seed``) instead of a new background and new textures per video.
     """
     idx = MOTIONS.index(motion) if isinstance(motion, Motion) else int(motion)
     motion = MOTIONS[idx]
     scene_ss, motion_ss = np.random.SeedSequence([seed, idx, video_index]).spawn(2)
-    bg, objects = _sample_scene(np.random.default_rng(scene_ss), height, width)
+    if appearance == "shared":
+        bg, objects = _shared_scene(np.random.default_rng(scene_ss), height, width, world_seed,
+                                    texture_pool, num_objects)
+    else:
+        bg, objects = _sample_scene(np.random.default_rng(scene_ss), height, width)
     mrng = np.random.default_rng(motion_ss)
     params = _motion_params(motion, mrng, height, width)
     # Small per-object speed jitter, so several objects do not move as one rigid block.
@@ -478,21 +542,13 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
             container.mux(packet)
 
 
-def _write_one(job: tuple[str, int, int, int, int, int, int, float, float, float]) -> None:
-    """Process-pool task: render and encode one video."""
-    path, class_idx, video_idx, num_frames, height, width, seed, fps, camera_pan, top_light = job
+def _write_one(job: tuple[str, int, dict]) -> None:
+    """Process-pool task: render and encode one video (path, motion index, render_video kwargs)."""
+    path, motion_idx, kwargs = job
     cv2.setNumThreads(1)  # The pool already uses every core.
-    frames = render_video(
-        class_idx,
-        num_frames=num_frames,
-        height=height,
-        width=width,
-        seed=seed,
-        video_index=video_idx,
-        camera_pan=camera_pan,
-        top_light=top_light,
-    )
-    write_video(path, frames, fps)
+    kwargs = dict(kwargs)
+    fps = kwargs.pop("fps")
+    write_video(path, render_video(motion_idx, **kwargs), fps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,11 +637,12 @@ def _write_lines(path: Path, lines: Sequence[str], newline: str) -> None:
 
 
 def _plan(
-    layout: str, root: Path, num_classes: int, videos_per_class: int
+    layout: str, root: Path, num_classes: int, videos_per_class: int,
+    classes: Sequence[str] | None = None,
 ) -> tuple[list[tuple[Path, int, int]], dict[str, list[str]]]:
     """Video jobs ``(path, class index, video index)`` and split files ``{filename: lines}``."""
     videos_dir, splits_dir = (root / f for f in _FOLDERS[layout])
-    names = class_names(layout, num_classes)
+    names = class_names(layout, num_classes, classes)
     jobs: list[tuple[Path, int, int]] = []
     splits: dict[str, list[str]] = {}
     if layout == "ucf101":
@@ -653,7 +710,9 @@ def _check_layout(layout: str) -> None:
 def _validate(params: dict) -> None:
     _check_layout(params["layout"])
     n = params["num_classes"]
-    if not 2 <= n <= MAX_CLASSES:
+    if params.get("classes"):
+        select_motions(n, params["classes"])  # names checked; one class is allowed when named
+    elif not 2 <= n <= MAX_CLASSES:
         raise ValueError(
             f"num_classes must be between 2 and {MAX_CLASSES} (the number of defined motion "
             f"classes: {', '.join(m.name for m in MOTIONS)}), got {n}"
@@ -680,6 +739,11 @@ def _validate(params: dict) -> None:
         raise ValueError(f"camera_pan must be in [0, 0.1], got {params['camera_pan']}")
     if not 0 <= params.get("top_light", 0.0) <= 255:
         raise ValueError(f"top_light must be in [0, 255], got {params['top_light']}")
+    if params.get("appearance", "varied") not in APPEARANCES:
+        raise ValueError(f"appearance must be one of {APPEARANCES}, got {params['appearance']!r}")
+    for key in ("texture_pool", "num_objects"):
+        if key in params and not 1 <= params[key] <= 16:
+            raise ValueError(f"{key} must be in [1, 16], got {params[key]}")
 
 
 class ParamsMismatchError(ValueError):
@@ -741,6 +805,11 @@ def generate(
     fps: float = 25.0,
     camera_pan: float = 0.0,
     top_light: float = 0.0,
+    classes: Sequence[str] | None = None,
+    appearance: str = "varied",
+    world_seed: int = 0,
+    texture_pool: int = 1,
+    num_objects: int = 3,
     workers: int | None = None,
 ) -> SyntheticDataset:
     """Writes the synthetic dataset under ``out_dir`` (see the module docstring for the layout).
@@ -759,6 +828,12 @@ def generate(
         camera); the pan's direction and speed are random per video, never tied to the class.
       top_light: largest top-to-bottom brightness difference in grey levels (0: none); random
         per video, never tied to the class.
+      classes: class names from ``MOTIONS`` (UCF-style, e.g. ``("MoveDownFast",)``) instead of
+        the first ``num_classes``; ``num_classes`` is then their number (one class is allowed:
+        an unlabelled pretraining world whose objects all move one way).
+      appearance: ``varied`` (a new background and new textures per video) or ``shared`` (one
+        plain background and a pool of ``texture_pool`` textures for every video of the world
+        ``world_seed``, ``num_objects`` objects per video; see ``render_video``).
       workers: processes for rendering/encoding; None = all cores, 1 = in this process.
 
     Returns:
@@ -782,16 +857,24 @@ def generate(
         params["camera_pan"] = float(camera_pan)
     if top_light:
         params["top_light"] = float(top_light)
+    if classes:
+        classes = tuple(str(c) for c in classes)
+        params["classes"] = list(classes)
+        params["num_classes"] = num_classes = len(classes)
+    if appearance != "varied":  # recorded only when used, as above
+        params.update(appearance=appearance, world_seed=int(world_seed),
+                      texture_pool=int(texture_pool), num_objects=int(num_objects))
     _validate(params)
     root = Path(out_dir)
     videos_dir, splits_dir = (root / f for f in _FOLDERS[layout])
-    jobs, splits = _plan(layout, root, num_classes, videos_per_class)
+    jobs, splits = _plan(layout, root, num_classes, videos_per_class, classes)
+    motion_index = [MOTIONS.index(m) for m in select_motions(num_classes, classes)]
     info = SyntheticDataset(
         root=root,
         layout=layout,
         videos_dir=videos_dir,
         splits_dir=splits_dir,
-        class_names=class_names(layout, num_classes),
+        class_names=class_names(layout, num_classes, classes),
         num_videos=len(jobs),
     )
 
@@ -824,11 +907,11 @@ def generate(
     for name, lines in splits.items():
         _write_lines(splits_dir / name, lines, newline)
 
-    tasks = [
-        (str(p), c, i, num_frames, height, width, seed, float(fps), float(camera_pan),
-         float(top_light))
-        for p, c, i in jobs
-    ]
+    render_args = dict(num_frames=num_frames, height=height, width=width, seed=seed,
+                       fps=float(fps), camera_pan=float(camera_pan), top_light=float(top_light),
+                       appearance=appearance, world_seed=int(world_seed),
+                       texture_pool=int(texture_pool), num_objects=int(num_objects))
+    tasks = [(str(p), motion_index[c], {**render_args, "video_index": i}) for p, c, i in jobs]
     n_workers = min(workers or os.cpu_count() or 1, len(tasks))
     if n_workers <= 1:
         for task in tasks:
