@@ -197,7 +197,7 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
         stage.data.train_videos_per_class = 2
     config.finetune.finetune.num_test_clips = 3
     config.retrieval.retrieval.num_clips = 3
-    config.retrieval.retrieval.topk = (1, 5)
+    config.retrieval.retrieval.topk = (1, 5, 10)
     config.pretrain.num_train_steps = 6
     config.pretrain.eval_every_steps = 3
     config.pretrain.checkpoint_every_steps = 3

@@ -427,3 +427,69 @@ def test_top_light_brightens_the_top_of_every_frame():
     assert added[:, :4].mean() > 15 and added[:, -4:].mean() < -15  # up is brighter than down
     with pytest.raises(ValueError, match="top_light"):
         synthetic.generate("/nonexistent", layout="ucf101", top_light=-1)
+
+
+# --- the demo's world: classes by name, shared appearance ---------------------------------------
+
+
+def _motion_index(name: str) -> int:
+    return synthetic.MOTIONS.index(synthetic.select_motions(0, [name])[0])
+
+
+def test_shared_world_has_one_background_and_the_pooled_textures():
+    """appearance='shared': every video of a world shows the same plain background, and only the
+    pooled textures; the first frames of two classes are then alike in their colours."""
+    kwargs = dict(num_frames=4, height=48, width=48, seed=3, appearance="shared", world_seed=7,
+                  texture_pool=1, num_objects=2)
+    a = synthetic.render_video(_motion_index("MoveDownFast"), video_index=0, **kwargs)
+    b = synthetic.render_video(_motion_index("MoveUpFast"), video_index=5, **kwargs)
+    # The background colour (the most common pixel) is the world's, whatever the class or video.
+    def mode(frame: np.ndarray) -> tuple[int, ...]:
+        values, counts = np.unique(frame.reshape(-1, 3), axis=0, return_counts=True)
+        return tuple(values[counts.argmax()])
+
+    assert mode(a[0]) == mode(b[0])
+    other_world = synthetic.render_video(_motion_index("MoveDownFast"), video_index=0,
+                                         **{**kwargs, "world_seed": 8})
+    assert mode(other_world[0]) != mode(a[0])
+    # Objects cover part of the frame, not all of it, and they move.
+    assert 0.05 < np.mean(np.any(a[0] != np.array(mode(a[0]), np.uint8), -1)) < 0.9
+    assert np.abs(a[1].astype(int) - a[0]).mean() > 1.0
+
+
+def test_shared_world_objects_move_the_class_way():
+    kwargs = dict(num_frames=3, height=48, width=48, seed=0, video_index=1, appearance="shared")
+    for name, (dx, dy) in (("MoveDownFast", (0, 1)), ("MoveRightFast", (1, 0))):
+        v = synthetic.render_video(_motion_index(name), **kwargs).astype(np.float32)
+        errors = {}
+        for sx, sy in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            errors[(sx, sy)] = np.abs(np.roll(v[0], (2 * sy, 2 * sx), (0, 1)) - v[1]).mean()
+        assert min(errors, key=errors.get) == (dx, dy), (name, errors)
+
+
+def test_classes_by_name_one_class_allowed(tmp_path):
+    info = synthetic.generate(tmp_path / "gravity", layout="ucf101", classes=["MoveDownFast"],
+                              videos_per_class=4, num_frames=16, height=32, width=32,
+                              appearance="shared", workers=1)
+    assert info.class_names == ("MoveDownFast",)
+    assert info.num_videos == 4
+    assert (info.splits_dir / "classInd.txt").read_bytes() == b"1 MoveDownFast\r\n"
+    marker = json.loads((tmp_path / "gravity" / synthetic.MARKER_NAME).read_text())
+    assert marker["params"]["classes"] == ["MoveDownFast"]
+    assert marker["params"]["appearance"] == "shared"
+    hmdb = synthetic.generate(tmp_path / "dirs", layout="hmdb51",
+                              classes=["MoveLeftFast", "MoveUpFast"], videos_per_class=4,
+                              num_frames=16, height=32, width=32, workers=1)
+    assert hmdb.class_names == ("move_left_fast", "move_up_fast")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"classes": ["NoSuchMotion"]}, "unknown classes"),
+    ({"classes": ["MoveUpFast", "MoveUpFast"]}, "distinct"),
+    ({"appearance": "cartoon"}, "appearance"),
+    ({"appearance": "shared", "texture_pool": 0}, "texture_pool"),
+])
+def test_invalid_world_arguments(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic.generate(tmp_path, layout="ucf101", videos_per_class=4, num_frames=16,
+                           height=32, width=32, workers=1, **override)
