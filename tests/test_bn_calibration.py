@@ -224,9 +224,11 @@ def test_probe_records_and_keeps_its_statistics(tiny_dataset: Path, tmp_path: Pa
     stored = checkpointing.load_backbone(workdir).batch_stats  # the head trained with these
     assert not np.allclose(stored["bn1/var"], 1.0)
 
-    # Resumed: the checkpoint's statistics, not estimated again.
+    # Resumed (extended by a step, as --allow_config_change=num_train_steps allows): the
+    # checkpoint's statistics, not estimated again.
     config.num_train_steps = 3
-    pretrain.train_vcp(config, workdir, frozen_backbone=True)
+    with checkpointing.allow_config_changes(["num_train_steps"]):
+        pretrain.train_vcp(config, workdir, frozen_backbone=True)
     record = reporting.read_json(workdir / "metrics.json")["bn_statistics"]
     assert record == {"mode": "auto", "recalibrated": False, "backbone": "resumed",
                       "statistics": "from checkpoint"}
