@@ -118,7 +118,10 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     ft.finetune.clip_len = pre.cloze.clip_len
     ft.finetune.num_test_clips = 5
     ft.finetune.test_batch_size = 8
-    ft.optimizer.learning_rate = 0.01
+    # 0.03, chosen on fold 2's test videos (not the reported fold 1) and seeds 1 and 2 as the
+    # rate that fine-tunes best from both inits (docs/demo.md); at 0.01 a VCP start had not
+    # fitted its training videos in 150 steps.
+    ft.optimizer.learning_rate = 0.03
     ft.optimizer.scale_with_batch = False
     ft.optimizer.schedule = "cosine"
     ft.optimizer.warmup_steps = 10
@@ -171,7 +174,7 @@ def _linear(ft: ml_collections.ConfigDict, *, tiny: bool) -> ml_collections.Conf
     lin.finetune.freeze_backbone = True  # only the new Dense head trains
     lin.bn_recalibration = "always"  # both backbones calibrated on the labelled clips
     # A linear head on fixed features learns with a larger rate than a whole network.
-    lin.optimizer.learning_rate = 20 * ft.optimizer.learning_rate
+    lin.optimizer.learning_rate = 0.2
     lin.num_train_steps = 4 if tiny else 100
     lin.eval_every_steps = 4 if tiny else 100
     lin.checkpoint_every_steps = lin.eval_every_steps
