@@ -433,13 +433,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_seed(config, seed, workdir)
         summarise(workdir, args.config, seeds)
     except (BenchmarkError, config_utils.UserError) as e:
-        # A run stopped by a signal did what it was asked: no "error:" for it.
-        from vcp_jax import signals  # noqa: PLC0415
-
-        prefix = "" if isinstance(e, signals.Stopped) else "error: "
-        print(f"{prefix}{e}", file=sys.stderr, flush=True)
-        return getattr(e, "exit_code", 2)
+        return report_error(e)
     return 0
+
+
+def report_error(error: Exception) -> int:
+    """One line on stderr for a user's error or a stop; the exit status to return."""
+    # A run stopped by a signal did what it was asked: no "error:" for it.
+    from vcp_jax import signals  # noqa: PLC0415
+
+    prefix = "" if isinstance(error, signals.Stopped) else "error: "
+    print(f"{prefix}{error}", file=sys.stderr, flush=True)
+    return getattr(error, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compilation_cache", default=demo_seeds.DEFAULT_CACHE,
                         help="JAX's persistent compilation cache, as main.py's (empty: off)")
     args = parser.parse_args(argv)
-    from vcp_jax import config_utils, signals  # noqa: PLC0415
+    from vcp_jax import config_utils  # noqa: PLC0415
 
     demo_workdir = Path(args.demo_workdir).expanduser()
     workdir = Path(args.workdir).expanduser() if args.workdir else demo_workdir / OUTPUT
@@ -327,9 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_all(config, demo_workdir, workdir, labels, seeds)
         summarise(workdir, args.config, demo_workdir, labels, seeds)
     except (BenchmarkError, config_utils.UserError) as e:
-        prefix = "" if isinstance(e, signals.Stopped) else "error: "
-        print(f"{prefix}{e}", file=sys.stderr, flush=True)
-        return getattr(e, "exit_code", 2)
+        return demo_seeds.report_error(e)
     return 0
 
 

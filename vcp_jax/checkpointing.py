@@ -289,30 +289,25 @@ class RunCheckpoints:
             self.manager.close()
             self._in_flight = None
 
-    @contextlib.contextmanager
-    def _save_errors(self, step: int | None) -> Iterator[None]:
+    def _save_errors(self, step: int | None) -> contextlib.AbstractContextManager[None]:
         """A failed save as one `StorageError`: the path, the cause, the last complete step."""
-        try:
-            yield
-        except UserError:
-            raise
-        except Exception as e:
-            if storage_errno(e) is None:
-                raise
+
+        def message(cause: str) -> str:
             saved = self.saved_steps()
             last = (f"the last complete checkpoint is step {saved[-1]}" if saved
                     else "no checkpoint is complete")
             # Orbax reports a failed asynchronous save when the next save (or the wait) starts.
             failed = self._in_flight if self._in_flight is not None else step
             which = f"the checkpoint of step {failed}" if failed is not None else "a checkpoint"
-            raise StorageError(
-                f"cannot save {which} in {self.directory}: {describe_os_error(e)}; {last}. "
-                f"Free some space (or fix the folder) and run the same command again to resume"
-            ) from None
+            return (f"cannot save {which} in {self.directory}: {cause}; {last}. Free some space "
+                    f"(or fix the folder) and run the same command again to resume")
+
+        return _as_storage_error(message)
 
 
 @contextlib.contextmanager
-def _storage_errors(what: str) -> Iterator[None]:
+def _as_storage_error(message: Callable[[str], str]) -> Iterator[None]:
+    """Storage failures (no space, read-only, ...) as one `StorageError`: `message(cause)`."""
     try:
         yield
     except UserError:
@@ -320,7 +315,11 @@ def _storage_errors(what: str) -> Iterator[None]:
     except Exception as e:
         if storage_errno(e) is None:
             raise
-        raise StorageError(f"{what}: {describe_os_error(e)}") from None
+        raise StorageError(message(describe_os_error(e))) from None
+
+
+def _storage_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    return _as_storage_error(lambda cause: f"{what}: {cause}")
 
 
 def _key(path: tuple[Any, ...]) -> str:
