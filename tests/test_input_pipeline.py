@@ -163,6 +163,23 @@ def test_eval_batches_pad_to_whole_global_batches(tiny_dataset: Path) -> None:
     np.testing.assert_array_equal(np.sort(valid), np.sort(batch["index"][batch["valid"]]))
 
 
+def test_eval_draws_per_video_add_tuples_and_keep_the_first_draw(tiny_dataset: Path) -> None:
+    config = tiny_config(tiny_dataset)
+    one = pretrain.pretrain_data(config).val[0]
+    config.cloze.eval_tuples_per_video = 3
+    data = pretrain.pretrain_data(config)
+    batches = [data.val[i] for i in range(len(data.val))]
+    assert len(batches) == 2  # 4 videos x 3 draws = 12 tuples -> 2 batches of 8
+    index = np.concatenate([b["index"][b["valid"]] for b in batches])
+    assert len(index) == 12 and len(set(index.tolist())) == 12  # one cloze key per tuple
+    videos = index % input_pipeline.DRAW_STRIDE
+    assert sorted(np.bincount(videos).tolist())[-4:] == [3, 3, 3, 3]
+    # The first draw of each video is the element of a one-draw evaluation; later draws differ.
+    np.testing.assert_array_equal(batches[0]["clips"][:4], one["clips"][:4])
+    np.testing.assert_array_equal(batches[0]["index"][:4], one["index"][:4])
+    assert not np.array_equal(batches[0]["clips"][4:8], one["clips"][:4])
+
+
 def test_missing_dataset_says_how_to_build_and_builds_nothing(
     tmp_path: Path, tiny_dataset: Path
 ) -> None:

@@ -277,31 +277,38 @@ def train_stream(
     )
 
 
-class _LocateEval(grain.transforms.Map):
-    """Host element `i` -> (video index, valid): padding past the end repeats the first video."""
+# The `index` of an evaluation element drawn a second (third, ...) time from its video:
+# video + draw * DRAW_STRIDE, so that every draw has its own cloze key (folded from `index`)
+# while the first draw keeps the video's own index, and with it the elements of one draw.
+DRAW_STRIDE = 1 << 24
 
-    def __init__(self, indices: np.ndarray, global_batch: int, host_batch: int,
+
+class _LocateEval(grain.transforms.Map):
+    """Host element `i` -> (video, draw, valid): padding past the end repeats the first item."""
+
+    def __init__(self, items: np.ndarray, global_batch: int, host_batch: int,
                  process_index: int):
-        self.indices, self.global_batch = indices, global_batch
+        self.items, self.global_batch = items, global_batch
         self.host_batch, self.process_index = host_batch, process_index
 
-    def map(self, i: int) -> tuple[int, bool]:
+    def map(self, i: int) -> tuple[int, int, bool]:
         g = _global_position(int(i), self.global_batch, self.host_batch, self.process_index)
-        if g < len(self.indices):
-            return int(self.indices[g]), True
-        return int(self.indices[0]), False
+        if g < len(self.items):
+            return int(self.items[g, 0]), int(self.items[g, 1]), True
+        return int(self.items[0, 0]), int(self.items[0, 1]), False
 
 
 class _SampleEval(grain.transforms.Map):
-    """(video, valid) -> element, sampled with a generator seeded by the video's index."""
+    """(video, draw, valid) -> element, sampled with a generator seeded by (video, draw)."""
 
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
 
-    def map(self, located: tuple[int, bool]) -> Batch:
-        video, valid = located
-        element = self.sampler(video, np.random.default_rng(video))
-        element["index"] = np.int32(video)
+    def map(self, located: tuple[int, int, bool]) -> Batch:
+        video, draw, valid = located
+        rng = np.random.default_rng(video if draw == 0 else (video, draw))
+        element = self.sampler(video, rng)
+        element["index"] = np.int32(video + draw * DRAW_STRIDE)
         element["valid"] = np.bool_(valid)
         return element
 
@@ -313,19 +320,26 @@ def eval_batches(
     global_batch: int,
     process_index: int = 0,
     process_count: int = 1,
+    draws_per_video: int = 1,
 ) -> grain.MapDataset:
     """The host's batches of a finite evaluation set, padded to whole global batches.
 
-    Element generators are seeded by the video index: the same elements every time, whatever the
-    batch size or number of hosts. Every host gets `ceil(N / B)` batches.
+    Element generators are seeded by the video index (and the draw, for the `draws_per_video`
+    - 1 further elements of each video): the same elements every time, whatever the batch size
+    or number of hosts. Every host gets `ceil(N * draws_per_video / B)` batches.
     """
     if len(indices) == 0:
         return grain.MapDataset.source([])
+    if not 1 <= draws_per_video <= np.iinfo(np.int32).max // DRAW_STRIDE:
+        raise ValueError(f"draws_per_video={draws_per_video}: must be in [1, 127]")
+    indices = np.asarray(indices)
+    items = np.stack([np.tile(indices, draws_per_video),
+                      np.repeat(np.arange(draws_per_video), len(indices))], axis=1)
     host_batch = host_batch_size(global_batch, process_count)
-    num_batches = math.ceil(len(indices) / global_batch)
+    num_batches = math.ceil(len(items) / global_batch)
     return (
         grain.MapDataset.range(num_batches * host_batch)
-        .map(_LocateEval(np.asarray(indices), global_batch, host_batch, process_index))
+        .map(_LocateEval(items, global_batch, host_batch, process_index))
         .map(_SampleEval(sampler))
         .batch(host_batch)
     )

@@ -247,7 +247,9 @@ def pretrain_data(
     sampler = input_pipeline.TupleSampler(source, spec)
     train = input_pipeline.train_stream(train_idx, sampler, global_batch=config.batch_size,
                                         seed=config.seed, **shard)
-    val = input_pipeline.eval_batches(val_idx, sampler, global_batch=config.batch_size, **shard)
+    draws = config.cloze.eval_tuples_per_video
+    val = input_pipeline.eval_batches(val_idx, sampler, global_batch=config.batch_size,
+                                      draws_per_video=draws, **shard)
     described = {"train": datasets.describe(config.data, "train", index, train_idx),
                  "validation": datasets.describe(config.data, "train (held out)", index, val_idx)}
     test, num_test = None, 0
@@ -258,7 +260,7 @@ def pretrain_data(
         num_too_short += len(test_index) - len(test_idx)
         test = input_pipeline.eval_batches(
             test_idx, input_pipeline.TupleSampler(test_source, spec),
-            global_batch=config.batch_size, **shard)
+            global_batch=config.batch_size, draws_per_video=draws, **shard)
         num_test = len(test_idx)
         described["test"] = datasets.describe(config.data, "test", test_index, test_idx)
     return PretrainData(train, val, test, len(train_idx), len(val_idx), num_test,
@@ -313,6 +315,8 @@ def train_vcp(
         f"{what}: {config.model.arch} (width {config.model.width}) on "
         f"{data.num_train_videos} videos of {config.data.name}/{config.data.builder_config}, "
         f"validating on {data.num_val_videos}"
+        + (f" (x{config.cloze.eval_tuples_per_video} tuples)"
+           if config.cloze.eval_tuples_per_video > 1 else "")
         + (f", testing on {data.num_test_videos}" if frozen_backbone else "")
         + (f" ({data.num_too_short} too short for a tuple, skipped)" if data.num_too_short
            else "")
