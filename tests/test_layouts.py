@@ -504,7 +504,7 @@ def test_summary_after_the_build_and_for_a_built_dataset(
     assert train["bytes"] == sum(len(f) for f in builder.as_data_source(split="train")[0]["frames"])
     text = summary.format_summary(report, path)
     assert text in printed
-    assert "too short for a pretraining tuple (< 64 frames): 0 train, 1 test" in text
+    assert "too short for the paper's pretraining tuple (< 64 frames): 0 train, 1 test" in text
     assert "    wave 1/1" in text and "no videos (50): brush_hair, cartwheel" in text
 
     # The same summary later, in one command, without building anything.

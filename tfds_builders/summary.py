@@ -106,7 +106,8 @@ def format_summary(report: dict[str, Any], path: Path | None = None, width: int 
     min_frames = report.get("min_tuple_frames", TUPLE_FRAMES)
     short = [(name, s) for name, f in splits.items() for s in f["too_short"]]
     counts = ", ".join(f"{len(f['too_short']):,} {name}" for name, f in splits.items())
-    lines.append(f"  too short for a pretraining tuple (< {min_frames} frames): "
+    # The paper's tuple (3 clips of 16 frames, 8 apart); shorter clip settings need fewer.
+    lines.append(f"  too short for the paper's pretraining tuple (< {min_frames} frames): "
                  + (counts if short else "none"))
     for name, s in short[:_LISTED_IN_CONSOLE]:
         lines.append(f"    {name}: {s['video']} ({s['frames']} frames)")
