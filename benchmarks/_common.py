@@ -24,6 +24,32 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The x86 vector extensions that decide CPU conv speed (oneDNN uses AVX-512 / AMX where present;
+# XLA:CPU gains less from them): /proc/cpuinfo flag -> name.
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_vector_extensions() -> dict[str, bool]:
+    """Which of `VECTOR_FLAGS` the CPU reports (all False where /proc/cpuinfo is unreadable)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {f: f in flags for f in VECTOR_FLAGS}
+
+
+def vector_extensions_line() -> str:
+    ext = cpu_vector_extensions()
+    have = [f for f, present in ext.items() if present]
+    lacks = [f for f, present in ext.items() if not present]
+    return ("vector extensions: " + (", ".join(have) or "none of " + ", ".join(VECTOR_FLAGS))
+            + (f" (no {', '.join(lacks)})" if have and lacks else ""))
+
+
 def memory_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -56,6 +82,7 @@ def machine_lines(with_jax: bool = True) -> list[str]:
     lines = [
         f"cpu: {cpu_model()}, {os.cpu_count()} cores ({usable_cores()} usable)"
         + (f", {mem:.1f} GiB RAM" if mem else ""),
+        vector_extensions_line(),
         f"python {platform.python_version()}, {platform.system()} {platform.release()}",
     ]
     if with_jax:

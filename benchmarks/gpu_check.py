@@ -8,7 +8,18 @@ time), and its rows say 'skipped (time budget)'.
 
 Phases:
 
-- `env`: the device, JAX and library versions.
+- `env`: the device, JAX and library versions, CUDA and cuDNN as jaxlib reports them (and the
+  nvidia-* wheels), `jax.print_environment_info()`, and a warning for a cuDNN with a known
+  problem here: 9.10.2 to 9.15 (a 3D-convolution TF32 kernel that computes wrong results;
+  pytorch/pytorch#167024) and 9.11 or newer on a pre-Ampere GPU (JAX's convolutions fail;
+  jax-ml/jax#30663).
+- `precision`: TF32 effects. R3D's features on the device at JAX's default precision (TF32 for
+  float32 convolutions on Ampere and newer) and under `jax.default_matmul_precision('highest')`,
+  each against the CPU's float32 output (max and relative difference); then the train step's
+  time at float32 default, float32 highest and bfloat16. On a machine without an accelerator it
+  compares CPU default with CPU highest and says so.
+- `roofline`: the projection of `benchmarks/roofline.py` (per arch and dtype, H100 and H200)
+  at the phase's sizes and first batch size; `report` prints it beside the measured steps.
 - `convs`: R3D's convolutions at the paper's batch (8 tuples = 24 clips of 16x112x112): forward,
   input gradient and weight gradient, per `conv_impl`, and PyTorch/cuDNN's for the same shapes
   where torch sees a GPU. JAX issue #31662 reports the gradients of strided 3D convolutions far
@@ -20,8 +31,11 @@ Phases:
   network, loss and SGD on the same inputs, without the cloze) and says so in every row.
 - `torch`: the PyTorch reference R3D step (`benchmarks/torch_reference.py`) on the same GPU,
   float32 (TF32 allowed, as JAX's default precision) and bfloat16 autocast.
-- `report`: one table of all step rows (tuples/s, step ms, MFU, input-wait fraction), then the
-  conv and PyTorch rows, then which conv_impl was fastest per arch and dtype.
+- `report`: one table of all step rows (tuples/s, step ms, MFU, the roofline bound and the
+  measured / bound ratio, input-wait fraction), the precision checks, the bfloat16 / float32
+  step-time ratios, then the conv and PyTorch rows, which conv_impl was fastest per arch and
+  dtype, and the training loop (`benchmarks/loop.py`, run by gpu_check.sh at the default
+  `data.num_threads`).
 
 MFU uses the model FLOPs that XLA counts for the native step at the paper sizes (per tuple:
 C3D 590.1, R3D 313.8, R(2+1)D 365.9 GFLOP; benchmarks/RESULTS.md) for every conv_impl, so the
@@ -149,6 +163,85 @@ def _timed_loop(step: Callable[[], Any], min_seconds: float, max_steps: int) -> 
 # ----------------------------------------------------------------------------- env
 
 
+# cuDNN versions with a known problem for this model: (first, last, applies(compute capability),
+# what, where it is documented).
+CUDNN_KNOWN_ISSUES = [
+    ((9, 10, 2), (9, 15, 99), lambda cc: cc is None or cc >= (8, 0),
+     "a 3D-convolution TF32 kernel in cuDNN 9.10.2 to 9.15 computes wrong results (NVIDIA's "
+     "report quoted in github.com/pytorch/pytorch/pull/167024; a bfloat16 conv3d report in the "
+     "same range: pytorch/pytorch#163539); check the precision rows, use a cuDNN outside the "
+     "range, or precision 'highest' for float32",
+     "pytorch/pytorch#167024"),
+    ((9, 11, 0), (99, 0, 0), lambda cc: cc is not None and cc < (8, 0),
+     "cuDNN 9.11 and newer break JAX's convolutions on pre-Ampere GPUs (e.g. Colab's T4): "
+     "github.com/jax-ml/jax/issues/30663; install a JAX whose CUDA wheels bring cuDNN <= 9.10",
+     "jax-ml/jax#30663"),
+]
+
+
+def parse_cudnn_version(value: Any) -> tuple[int, int, int] | None:
+    """(major, minor, patch) from cuDNN's integer version (9.10.2 is 91002; 8.9.7 is 8907) or a
+    '9.10.2.21' string; None when unknown."""
+    if value is None:
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        v = int(value)
+        if v >= 90000:
+            return v // 10000, (v % 10000) // 100, v % 100
+        return v // 1000, (v % 1000) // 100, v % 100
+    parts = [int(p) for p in str(value).split(".")[:3] if p.isdigit()]
+    if len(parts) < 2:
+        return None
+    return (parts + [0])[0], parts[1], (parts + [0, 0])[2]
+
+
+def cudnn_warnings(cudnn: tuple[int, int, int] | None,
+                   compute_capability: tuple[int, int] | None) -> list[str]:
+    """The known problems that apply to this cuDNN on a GPU of this compute capability."""
+    if cudnn is None:
+        return []
+    return [f"cuDNN {'.'.join(map(str, cudnn))}: {what}"
+            for first, last, applies, what, _ in CUDNN_KNOWN_ISSUES
+            if first <= cudnn <= last and applies(compute_capability)]
+
+
+def accelerator_versions() -> dict[str, Any]:
+    """CUDA and cuDNN versions as jaxlib reports them, and the nvidia-* wheels installed."""
+    import importlib.metadata  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    try:
+        from jax._src.lib import cuda_versions  # noqa: PLC0415 - jaxlib's CUDA plugin, if any
+    except Exception:  # noqa: BLE001 - absent on CPU-only jaxlib
+        cuda_versions = None
+    if cuda_versions is not None:
+        for key, fn in (("cuda_runtime", "cuda_runtime_get_version"),
+                        ("cudnn", "cudnn_get_version"), ("cublas", "cublas_get_version")):
+            try:
+                out[key] = getattr(cuda_versions, fn)()
+            except Exception as e:  # noqa: BLE001 - reported, not raised
+                out[key] = f"n/a ({type(e).__name__})"
+    wheels = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith(("nvidia-cudnn", "nvidia-cuda-runtime", "nvidia-cublas",
+                            "jax-cuda", "jax_cuda")):
+            wheels[name] = dist.version
+    out["wheels"] = wheels
+    if "cudnn" not in out:  # from the wheel when jaxlib cannot say
+        out["cudnn"] = next((v for k, v in wheels.items() if k.startswith("nvidia-cudnn")), None)
+    return out
+
+
+def _compute_capability(device: Any) -> tuple[int, int] | None:
+    cc = getattr(device, "compute_capability", None)
+    try:
+        major, minor = str(cc).split(".")[:2]
+        return int(major), int(minor)
+    except (ValueError, TypeError):
+        return None
+
+
 def phase_env(args: argparse.Namespace) -> None:
     import jax  # noqa: PLC0415
 
@@ -160,10 +253,22 @@ def phase_env(args: argparse.Namespace) -> None:
         except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
             versions[name] = f"missing ({type(e).__name__})"
     devices = jax.devices()
+    accel = accelerator_versions()
+    cc = _compute_capability(devices[0])
+    warnings = cudnn_warnings(parse_cudnn_version(accel.get("cudnn")), cc)
+    try:
+        info = jax.print_environment_info(return_string=True)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        info = f"jax.print_environment_info failed: {_error(e)}"
+    print(info, flush=True)
+    for w in warnings:
+        print(f"  WARNING: {w}", flush=True)
     write_row(args.rows, {
         "kind": "env", "backend": jax.default_backend(), "device": devices[0].device_kind,
         "num_devices": len(devices), "host": _common.cpu_model(), "cores": os.cpu_count(),
         "versions": versions, "load": _common.load_average(),
+        "compute_capability": None if cc is None else f"{cc[0]}.{cc[1]}",
+        "cuda": accel, "warnings": warnings,
     })
 
 
@@ -541,36 +646,227 @@ def phase_torch(args: argparse.Namespace) -> None:
             write_row(args.rows, row, key)
 
 
+# ----------------------------------------------------------------------------- precision
+
+
+def phase_precision(args: argparse.Namespace) -> None:
+    """TF32 effects: the backbone's output on the device at default precision and at 'highest'
+    against the CPU's float32 output (on a CPU-only machine: CPU default against CPU highest,
+    labelled so), then the train step's time at float32 default, float32 highest and bfloat16."""
+    import jax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from vcp_jax import conv, models  # noqa: PLC0415
+
+    clock = Clock(args.deadline)
+    arch = args.archs[0]
+    device = jax.devices()[0]
+    cpu = jax.devices("cpu")[0]
+    on_cpu = device.platform == "cpu"
+    label = ("cpu default vs cpu highest (no accelerator here)" if on_cpu
+             else f"{device.device_kind} vs cpu float32")
+    clips = 2 if args.smoke else 4
+    x = np.random.default_rng(0).standard_normal(
+        (clips, args.clip_len, args.crop, args.crop, 3)).astype(np.float32)
+    base = {"kind": "precision", "arch": arch, "clips": clips, "compare": label,
+            "status": "ok"}
+    try:
+        with jax.default_device(cpu):
+            backbone = models.create_backbone(arch, rngs=nnx.Rngs(params=0), width=args.width,
+                                              conv_impl="conv2d_mm")
+        graphdef, state = nnx.split(backbone)
+
+        def features(state: Any, x: Any) -> Any:  # training mode: batch statistics
+            return nnx.merge(graphdef, state, copy=True)(x)
+
+        cpu_state = jax.device_put(state, cpu)
+        with jax.default_matmul_precision("highest"):
+            ref = np.asarray(jax.jit(features)(cpu_state, jax.device_put(x, cpu)))
+        # On the device: the conv implementation 'auto' picks there (native on a GPU).
+        models.set_conv_impl(backbone, conv.auto_impl(device.platform))
+        graphdef, state = nnx.split(backbone)
+        dev_state, dev_x = jax.device_put(state, device), jax.device_put(x, device)
+        scale = float(np.abs(ref).max())
+        for precision in ("default", "highest"):
+            row = {**base, "precision": precision}
+            try:
+                if precision == "default":
+                    out = np.asarray(jax.jit(features)(dev_state, dev_x))
+                else:
+                    with jax.default_matmul_precision("highest"):
+                        out = np.asarray(jax.jit(features)(dev_state, dev_x))
+                diff = float(np.abs(out - ref).max())
+                row.update(max_abs_diff=diff, rel_diff=diff / max(scale, 1e-30),
+                           ref_max=scale)
+            except Exception as e:  # noqa: BLE001 - reported in the row
+                row["status"] = _error(e)
+            write_row(args.rows, row)
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        write_row(args.rows, {**base, "precision": "both", "status": _error(e)})
+
+    # Step time: float32 at default precision and at 'highest', and bfloat16.
+    pretrain, _ = _pretrain_or_none(args.model_step)
+    impl = conv.auto_impl(device.platform)
+    batch = args.batch_sizes[0]
+    for dtype, precision in (("float32", "default"), ("float32", "highest"),
+                             ("bfloat16", "default")):
+        row = {"kind": "precision_step", "arch": arch, "dtype": dtype, "precision": precision,
+               "batch": batch, "conv": impl, "status": "ok",
+               "step": "pretrain.train_step" if pretrain is not None else "model step (no cloze)"}
+        if clock.expired(10):
+            write_row(args.rows, {**row, "status": "skipped (time budget)"})
+            continue
+        try:
+            if precision == "highest":
+                with jax.default_matmul_precision("highest"):
+                    built = _build_step(args, arch, dtype, batch, impl, pretrain)
+                    compiled = built.pop("lowered").compile()
+            else:
+                built = _build_step(args, arch, dtype, batch, impl, pretrain)
+                compiled = built.pop("lowered").compile()
+            box = [built["state"]]
+
+            def one(compiled=compiled, box=box, batch_arrays=built["batch"]) -> Any:
+                box[0], metrics = compiled(box[0], batch_arrays)
+                return metrics
+
+            sec, _ = _timed_loop(one, args.min_seconds, 50)
+            row.update(step_ms=1e3 * sec, tuples_s=batch / sec)
+            built.clear()
+        except Exception as e:  # noqa: BLE001 - reported in the row
+            row["status"] = _error(e)
+        write_row(args.rows, row)
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def phase_roofline(args: argparse.Namespace) -> None:
+    """The projection of `benchmarks/roofline.py` for the archs, dtypes and first batch size, to
+    be printed beside the measured steps (computed on the host's CPU backend)."""
+    from benchmarks import roofline  # noqa: PLC0415
+
+    sizes = dict(roofline.TINY if args.smoke else roofline.PAPER)
+    sizes.update(width=args.width, crop=args.crop, clip_len=args.clip_len,
+                 batch=args.batch_sizes[0])
+    dtypes = [d for d in args.dtypes if d in ("float32", "bfloat16")]
+    for arch in args.archs:
+        if Clock(args.deadline).expired(10):
+            write_row(args.rows, {"kind": "roofline", "arch": arch,
+                                  "status": "skipped (time budget)"})
+            continue
+        try:
+            result = roofline.run([arch], dtypes, list(roofline.DEVICES), sizes, check=False,
+                                  workers=args.workers)
+        except Exception as e:  # noqa: BLE001 - reported in the row
+            write_row(args.rows, {"kind": "roofline", "arch": arch, "status": _error(e)})
+            continue
+        for p in roofline.summary_rows(result):
+            write_row(args.rows, {
+                "kind": "roofline", "arch": arch, "dtype": p["dtype"], "device": p["device"],
+                "batch": p["batch"], "bound_ms": p["step_ms"],
+                "bound_ms_per_tuple": p["step_ms"] / p["batch"], "tuples_s": p["tuples_s"],
+                "mfu": p["mfu"], "memory_bound_share": p["memory_bound_share"],
+                "xla_fused_ms": p["xla_fused_step_ms"], "cores_grain": p["cores_grain"],
+                "status": "ok"})
+
+
 # ----------------------------------------------------------------------------- report
 
 
+def _roofline_for(roofs: list[dict[str, Any]], device: str, arch: str,
+                  dtype: str) -> dict[str, Any] | None:
+    """The projection row for this arch and dtype on the GPU measured (H200 if the device says so,
+    else H100's numbers)."""
+    name = "H200 SXM" if "h200" in device.lower() else "H100 SXM"
+    return next((r for r in roofs if r.get("status") == "ok" and r["arch"] == arch
+                 and r["dtype"] == dtype and r["device"] == name), None)
+
+
 def report(rows: list[dict[str, Any]]) -> str:
-    """The one table of train steps, then the conv table and the fastest conv_impl per case."""
+    """The one table of train steps (beside the roofline projection), the precision checks, then
+    the conv table and the fastest conv_impl per case, then the training loop."""
     env = [r for r in rows if r.get("kind") == "env"]
     steps = [r for r in rows if r.get("kind") == "step"]
     convs = [r for r in rows if r.get("kind") == "conv"]
     e2e_rows = [r for r in rows if r.get("kind") == "e2e"]
+    roofs = [r for r in rows if r.get("kind") == "roofline"]
+    precision = [r for r in rows if r.get("kind") == "precision"]
+    precision_steps = [r for r in rows if r.get("kind") == "precision_step"]
     # The real loop's input wait (its real-input row with the most threads) per step row.
     e2e = {(r.get("arch"), r.get("dtype"), r.get("batch")): r for r in e2e_rows
            if r.get("input") == "real"}
     out = []
+    device = env[-1]["device"] if env else "?"
     if env:
         e = env[-1]
         out.append(f"device: {e['num_devices']} x {e['device']} ({e['backend']}), host "
                    f"{e['host']} with {e['cores']} cores; " + ", ".join(
                        f"{k} {v}" for k, v in e["versions"].items()))
+        cuda = e.get("cuda") or {}
+        out.append(f"CUDA runtime {cuda.get('cuda_runtime') or 'n/a'}, cuDNN "
+                   f"{cuda.get('cudnn') or 'n/a'}, compute capability "
+                   f"{e.get('compute_capability') or 'n/a'}; wheels: "
+                   + (", ".join(f"{k} {v}" for k, v in cuda.get("wheels", {}).items())
+                      or "none"))
+        for w in e.get("warnings", []):
+            out.append(f"WARNING: {w}")
     table = []
     for r in steps:
         wait = e2e.get((r["arch"], r["dtype"], r["batch"]), {}).get("input_wait")
+        roof = _roofline_for(roofs, device, r["arch"], r["dtype"])
+        bound = None if roof is None else roof["bound_ms_per_tuple"] * r["batch"]
+        ratio = (None if bound is None or not r.get("step_ms")
+                 else r["step_ms"] / bound)
         table.append([r["arch"], r["dtype"], r["batch"], r["conv"], r.get("compile_s"),
                       r.get("step_ms"), r.get("tuples_s"),
                       None if r.get("mfu") is None else 100 * r["mfu"],
+                      _fmt_small(bound), _fmt_small(ratio),
                       "n/a (step only)" if wait is None else f"{100 * wait:.1f}%",
                       r["step"], r["status"]])
-    out.append("\nVCP train step (3 clips per tuple; MFU from the native step's model FLOPs):")
+    out.append("\nVCP train step (3 clips per tuple; MFU from the native step's model FLOPs; "
+               "roofline: the PROJECTION of benchmarks/roofline.py for "
+               f"{'H200' if 'h200' in device.lower() else 'H100'} at this batch, measured / "
+               "bound >= 1):")
     out.append(_common.table(
         ["arch", "dtype", "batch", "conv", "compile s", "step ms", "tuples/s", "MFU %",
-         "input wait", "step", "status"], [[_blank(c) for c in row] for row in table]))
+         "roofline ms", "step / roofline", "input wait", "step", "status"],
+        [[_blank(c) for c in row] for row in table]))
+    if roofs:
+        out.append("\nroofline PROJECTION (computed, not measured; per step at the batch "
+                   "given):")
+        keys = ["arch", "dtype", "device", "batch", "bound_ms", "tuples_s", "mfu",
+                "memory_bound_share", "xla_fused_ms", "cores_grain", "status"]
+        out.append(_common.table(keys, [[_fmt_small(r.get(k)) for k in keys] for r in roofs]))
+    if precision:
+        out.append("\nprecision: the backbone's output against the CPU's float32 "
+                   "('highest') output:")
+        keys = ["arch", "clips", "compare", "precision", "max_abs_diff", "rel_diff", "status"]
+        out.append(_common.table(keys, [[_fmt_small(r.get(k)) for k in keys]
+                                        for r in precision]))
+    if precision_steps:
+        ref = next((r.get("step_ms") for r in precision_steps if r["dtype"] == "float32"
+                    and r["precision"] == "default" and r.get("step_ms")), None)
+        out.append("\nstep time by dtype and precision (x: over float32 at default precision; "
+                   "float32 default is TF32 on Ampere and newer GPUs):")
+        prow = [[r["arch"], r["dtype"], r["precision"], r["batch"], r["conv"], r.get("step_ms"),
+                 r.get("tuples_s"), None if not (ref and r.get("step_ms")) else
+                 r["step_ms"] / ref, r["step"], r["status"]] for r in precision_steps]
+        out.append(_common.table(["arch", "dtype", "precision", "batch", "conv", "step ms",
+                                  "tuples/s", "x f32 default", "step", "status"],
+                                 [[_blank(c) for c in row] for row in prow]))
+    ratios = []
+    for r in steps:
+        if r["dtype"] == "bfloat16" and r.get("step_ms"):
+            f32 = next((s for s in steps if s["dtype"] == "float32" and s.get("step_ms")
+                        and (s["arch"], s["batch"], s["conv"]) == (r["arch"], r["batch"],
+                                                                    r["conv"])), None)
+            if f32:
+                ratios.append(f"  {r['arch']} batch {r['batch']} {r['conv']}: bf16 / f32 step "
+                              f"time {r['step_ms'] / f32['step_ms']:.2f}")
+    if ratios:
+        out.append("\nbfloat16 / float32 step time (the steps phase):")
+        out.extend(ratios)
     if convs:
         out.append("\nR3D's convolutions (ms per call; TFLOP/s in brackets):")
         crow = []
@@ -596,7 +892,8 @@ def report(rows: list[dict[str, Any]]) -> str:
                        f"({r['tuples_s']:.1f} tuples/s)")
     if e2e_rows:
         out.append("\nThe training loop end to end (benchmarks/loop.py: synthetic videos, the real "
-                   "input pipeline; fake = the first batch repeated, no decoding):")
+                   "input pipeline at the default data.num_threads; fake = the first batch "
+                   "repeated, no decoding):")
         keys = ["task", "arch", "dtype", "batch", "input", "threads", "prefetch", "steps/s",
                 "tuples_s", "input wait", "step ms (loop)", "step ms (alone)", "loop / step",
                 "compile s", "MFU %", "cpu/wall"]
@@ -605,6 +902,12 @@ def report(rows: list[dict[str, Any]]) -> str:
         out.append("\ninput wait: no end-to-end loop rows (the loop phase did not run or "
                    "failed; see its log above).")
     return "\n".join(out)
+
+
+def _fmt_small(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return _blank(value)
 
 
 def _auto_name() -> str:
@@ -629,7 +932,8 @@ def _csv(value: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=("env", "convs", "steps", "torch", "report"))
+    parser.add_argument("phase", choices=("env", "convs", "steps", "precision", "roofline",
+                                          "torch", "report"))
     parser.add_argument("--rows", type=Path, required=True, help="JSON-lines file of results")
     parser.add_argument("--deadline", type=float, default=None,
                         help="Unix time after which no new measurement starts")
@@ -658,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         {"env": phase_env, "convs": phase_convs, "steps": phase_steps,
+         "precision": phase_precision, "roofline": phase_roofline,
          "torch": phase_torch}[args.phase](args)
     except Killed:
         for key, row in list(PENDING.items()):

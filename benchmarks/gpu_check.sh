@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One-shot accelerator check of vcp-jax: about 7 minutes on one H100/H200 from a fresh checkout.
+# One-shot accelerator check of vcp-jax: about 10 minutes on one H100/H200 from a fresh checkout.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU (or TPU) machine
-#   bash benchmarks/gpu_check.sh --smoke    # tiny shapes on any machine (a CPU: about a minute)
+#   bash benchmarks/gpu_check.sh --smoke    # tiny shapes on any machine (a 2-core CPU: 3-8 min)
 #
 # It uses the JAX already installed where it runs (any recent version: nothing here is tied to
 # the 0.10.2 of requirements.txt) and installs the CUDA or TPU build only when the installed JAX
@@ -13,9 +13,14 @@
 # table says which one each row is. benchmarks/gpu_wheels.sh downloads that set of wheels.
 #
 # Phases, each under its own time limit inside the total budget (GPU_CHECK_BUDGET_S, default
-# 420 s): env, R3D's convolutions per conv_impl and in PyTorch (JAX issue #31662), the train step
-# for C3D / R3D / R(2+1)D x float32 / bfloat16 x batch 8 / 64 with the native convolutions, the
-# same with conv2d and conv2d_mm, the PyTorch reference R3D step, then one table. Every
+# 600 s): env (jax, jaxlib, CUDA and cuDNN versions; a warning on a cuDNN with a known problem:
+# 9.10.2-9.15 3D-conv TF32, 9.11+ on pre-Ampere GPUs), precision (R3D's output on the GPU at
+# default precision = TF32 and at 'highest' against the CPU's float32 output; the step time at
+# float32 default / highest and bfloat16), the roofline projection (benchmarks/roofline.py),
+# R3D's convolutions per conv_impl and in PyTorch (JAX issue #31662), the train step for C3D /
+# R3D / R(2+1)D x float32 / bfloat16 x batch 8 / 64 with the native convolutions, the same with
+# conv2d and conv2d_mm, the PyTorch reference R3D step, the training loop at the default
+# data.num_threads, then one table with the projection beside the measurement. Every
 # measurement is written to $GPU_CHECK_OUT/rows.jsonl as it is taken, so whatever a killed or
 # crashed phase measured is still in the table. Exit status 0 unless the table cannot be made.
 #
@@ -26,10 +31,10 @@ cd "$(dirname "$0")/.."
 
 SMOKE=""
 if [[ "${1:-}" == "--smoke" ]]; then SMOKE="--smoke"; fi
-if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then sed -n '2,24p' "$0"; exit 0; fi
+if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then sed -n '2,29p' "$0"; exit 0; fi
 
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET_S:-$([[ -n "$SMOKE" ]] && echo 300 || echo 420)}
+BUDGET=${GPU_CHECK_BUDGET_S:-600}
 DEADLINE=$((START + BUDGET))
 OUT=${GPU_CHECK_OUT:-/tmp/vcp_gpu_check_$START}
 mkdir -p "$OUT"
@@ -93,16 +98,29 @@ if [[ -n "$SMOKE" ]]; then
   # faster.
   export XLA_FLAGS="--xla_backend_optimization_level=0 ${XLA_FLAGS:-}"
   run_phase 60 env
+  run_phase 200 precision --archs r3d --batch_sizes 2
+  run_phase 60 roofline --archs r3d --dtypes float32,bfloat16 --batch_sizes 2
   run_phase 90 convs --impls native,conv2d_mm --dtypes float32
   run_phase 120 steps --archs r3d --dtypes float32 --batch_sizes 2 --impls native,conv2d_mm
   run_phase 90 steps --archs c3d --dtypes bfloat16 --batch_sizes 4 --impls native --model_step
   run_phase 60 torch --dtypes float32 --batch_sizes 2
 else
   run_phase 30 env
+  # 0. The roofline projection to compare against: compiles on the host's CPU only, so it runs
+  #    beside the GPU phases (its rows are in the table if it ends before the report), with JAX
+  #    kept off the GPU (JAX_PLATFORMS=cpu: no second process preallocating GPU memory).
+  ( JAX_PLATFORMS=cpu timeout --signal=TERM --kill-after=10 150 "$PY" -m benchmarks.gpu_check \
+      roofline \
+      --batch_sizes 8 --workers 4 --rows "$ROWS" --deadline $(( $(date +%s) + 140 )) \
+      > "$OUT/roofline.log" 2>&1 || log "roofline phase ended with status $? ($OUT/roofline.log)" ) &
+  ROOFLINE_PID=$!
   # 1. JAX issue #31662: are R3D's strided conv gradients slow on this GPU, per implementation?
   run_phase 90 convs --batch_sizes 8
   # 2. The paper's batch and a large one, the native convolutions (auto's choice on GPU/TPU).
   run_phase 170 steps --impls native --batch_sizes "8,$LARGE"
+  # TF32: the GPU's output at default precision and at 'highest' against the CPU's; the step
+  # time at float32 default / highest and bfloat16.
+  run_phase 90 precision --archs r3d --batch_sizes 8
   # 3. The 2D-conv formulations against it: R3D first, then the others while time is left.
   run_phase 80 steps --archs r3d --impls conv2d,conv2d_mm --batch_sizes "8,$LARGE"
   run_phase 60 steps --archs c3d,r21d --impls conv2d_mm --batch_sizes 8
@@ -111,18 +129,23 @@ else
 fi
 
 # --- The training loop end to end ------------------------------------------------------------
-# The real pretraining loop with the input pipeline on every host core (synthetic videos at the
-# paper's 128x171 frames, generated and built first), against the same loop on fake data and the
-# step alone: tuples/s, input-wait fraction, loop / step (benchmarks/loop.py).
+# The real pretraining loop with the input pipeline at the default data.num_threads (what a user
+# gets; configs/default.py), synthetic videos at the paper's 128x171 frames, generated and built
+# first, against the same loop on fake data and the step alone: tuples/s, input-wait fraction,
+# loop / step (benchmarks/loop.py).
 CORES=$(nproc 2>/dev/null || echo 2)
+THREADS=$(timeout 60 "$PY" -c 'from configs import default
+print(default.get_config("r3d").data.num_threads)' 2>/dev/null | tail -1)
+THREADS=${THREADS:-$CORES}
+log "input threads: data.num_threads default $THREADS, host cores $CORES"
 LOOP_CACHE="$OUT/loop_cache"
 if [[ -n "$SMOKE" ]]; then
   loop_args=(--task pretrain --size tiny --width 4 --crop 24 --clip_len 8 --batch_size 4
-             --steps 6 --threads "$CORES" --prefetch 2)
+             --steps 6 --threads "$THREADS" --prefetch 2)
   loop_limit=120
 else
   loop_args=(--task pretrain --width 64 --crop 112 --batch_size "$LARGE" --dtype bfloat16
-             --steps 30 --threads "$CORES" --prefetch 2 --data_config split1)
+             --steps 30 --threads "$THREADS" --prefetch 2 --data_config split1)
   loop_limit=150
 fi
 left=$((DEADLINE - $(date +%s) - 15))
@@ -135,6 +158,7 @@ else
   log "skipping the loop phase: time budget spent"
 fi
 
+if [[ -n "${ROOFLINE_PID:-}" ]]; then wait "$ROOFLINE_PID" 2>/dev/null; fi
 log "report"
 "$PY" -m benchmarks.gpu_check report --rows "$ROWS" | tee "$OUT/table.txt"
 log "done in $(($(date +%s) - START))s; rows in $ROWS"

@@ -234,6 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"error: conv_impl {impl!r} is not one of {conv.CONV_IMPLS}")
     torch = None if args.no_torch else torch_or_none()
     _common.print_header("PyTorch reference R3D step vs vcp-jax (interleaved)")
+    # oneDNN (PyTorch) gains far more than XLA:CPU from AVX-512 and AMX: the ratio depends on them.
+    ext = _common.cpu_vector_extensions()
+    print("CPU " + _common.cpu_model() + ": " + ", ".join(
+        f"{f} {'yes' if ext[f] else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16",
+                                                      "amx_tile", "amx_bf16")) + "\n")
     if torch is None and not args.no_torch:
         print("PyTorch is not installed (an optional dependency: pip install torch); timing the "
               "vcp-jax steps alone.\n")
