@@ -92,10 +92,10 @@ def forward_flops(args: argparse.Namespace, arch: str, dtype: str, conv_impl: st
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from vcp_jax import models, trainer  # noqa: PLC0415
+    from vcp_jax import models  # noqa: PLC0415
 
     backbone = models.create_backbone(arch, rngs=nnx.Rngs(0), width=args.width,
-                                      dtype=trainer.DTYPES[dtype], conv_impl=conv_impl)
+                                      dtype=models.DTYPES[dtype], conv_impl=conv_impl)
     backbone.eval()
     graphdef, state = nnx.split(backbone)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
@@ -222,10 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in PAPER.items():
             setattr(args, key, value)
 
-    from vcp_jax import conv, models, trainer  # noqa: PLC0415
+    from vcp_jax import conv, models  # noqa: PLC0415
 
     archs = _split(args.arch, models.ARCHS)
-    dtypes = _split(args.dtype, tuple(trainer.DTYPES))
+    dtypes = _split(args.dtype, tuple(models.DTYPES))
     impls = _split(args.conv_impl, conv.CONV_IMPLS)
     _common.print_header("VCP train step (jit, random uint8 batches)")
     print(f"batch {args.batch_size} tuples, 3 clips x {args.clip_len} frames x {args.crop}^2 "

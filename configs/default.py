@@ -83,3 +83,29 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     # of the next batches overlaps the running step.
     config.prefetch_to_device = 2
     return config
+
+
+# The tiny settings, written once: the CI demo (`demo.py:size=tiny`) and the tests' configs
+# (tests/tiny_configs.py) shrink their stages with `tiny`; each then names its own dataset size
+# and step counts.
+TINY_WIDTH = 4  # model.width of every tiny stage
+TINY_BATCH_SIZE = 8  # one clip or tuple per simulated device of the tests
+
+
+def tiny(stage: ml_collections.ConfigDict, *, builder_config: str, crop_size: int,
+         steps: int | None = None, every: int | None = None,
+         log_every: int | None = None) -> ml_collections.ConfigDict:
+    """`stage` shrunk in place for CPU tests: a width-4 backbone, batches of 8, small frames
+    (`builder_config`, `crop_size`) and, when given, `steps` with an evaluation and a checkpoint
+    `every` few steps. Returns `stage`."""
+    stage.data.builder_config = builder_config
+    stage.data.crop_size = crop_size
+    stage.model.width = TINY_WIDTH
+    stage.batch_size = TINY_BATCH_SIZE
+    if steps is not None:
+        stage.num_train_steps = steps
+    if every is not None:
+        stage.eval_every_steps = stage.checkpoint_every_steps = every
+    if log_every is not None:
+        stage.log_every_steps = log_every
+    return stage

@@ -195,17 +195,18 @@ def _linear(ft: ml_collections.ConfigDict, *, tiny: bool) -> ml_collections.Conf
 
 def _shrink(config: ml_collections.ConfigDict) -> None:
     """The CI setting: the same stages on fewer, smaller videos and a few steps each."""
-    for stage in (config.pretrain, config.finetune, config.retrieval, config.probe):
-        stage.data.builder_config = "split1_24x24"
-        stage.data.crop_size = 20
-        stage.model.width = 4
+    # (steps, evaluation and checkpoint every) per stage; retrieval trains nothing.
+    schedules = {"pretrain": (6, 3), "finetune": (4, 2), "retrieval": (None, None),
+                 "probe": (4, 2)}
+    for name, (steps, every) in schedules.items():
+        stage = default.tiny(config[name], builder_config="split1_24x24", crop_size=20,
+                             steps=steps, every=every)
         stage.data.synthetic.height = 48
         stage.data.synthetic.width = 48
     for stage in (config.pretrain, config.probe):
         stage.data.num_val_videos = 3
         stage.data.synthetic.videos_per_class = 16
         stage.data.synthetic.num_frames = 40
-        stage.batch_size = 8
     for stage in (config.finetune, config.retrieval):
         stage.data.synthetic.classes = DIRECTION_CLASSES[:4]
         stage.data.synthetic.num_classes = 4
@@ -215,13 +216,3 @@ def _shrink(config: ml_collections.ConfigDict) -> None:
     config.finetune.finetune.num_test_clips = 3
     config.retrieval.retrieval.num_clips = 3
     config.retrieval.retrieval.topk = (1, 5, 10)
-    config.pretrain.num_train_steps = 6
-    config.pretrain.eval_every_steps = 3
-    config.pretrain.checkpoint_every_steps = 3
-    config.finetune.num_train_steps = 4
-    config.finetune.eval_every_steps = 2
-    config.finetune.checkpoint_every_steps = 2
-    config.finetune.batch_size = 8
-    config.probe.num_train_steps = 4
-    config.probe.eval_every_steps = 2
-    config.probe.checkpoint_every_steps = 2

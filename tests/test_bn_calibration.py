@@ -13,6 +13,7 @@ from flax import nnx
 from configs import retrieval as retrieval_config
 from tests.conftest import TINY_DATASET_CONFIG, tiny_config
 from tests.tiny_configs import tiny_finetune_config
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import (
     bn_calibration,
     checkpointing,
@@ -29,7 +30,7 @@ from vcp_jax import (
 
 
 def _pure(tree) -> dict[str, np.ndarray]:
-    return checkpointing.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(tree)))
+    return backbone_lib.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(tree)))
 
 
 def _clip_stream(data_dir: Path, batch_size: int = 8):
@@ -132,6 +133,7 @@ def test_a_random_backbones_features_spread_out(tiny_dataset: Path) -> None:
     assert cos_after < 0.85, cos_after
 
 
+@pytest.mark.slow
 def test_jit_pmap_and_one_device_give_the_same_statistics(tiny_dataset: Path) -> None:
     assert jax.device_count() == 8, "conftest sets 8 simulated devices"
     config = tiny_config(tiny_dataset)
@@ -211,6 +213,7 @@ def test_config_errors_name_the_key(tiny_dataset: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_probe_records_and_keeps_its_statistics(tiny_dataset: Path, tmp_path: Path) -> None:
     config = tiny_config(tiny_dataset)
     config.task = "probe"
@@ -221,7 +224,7 @@ def test_probe_records_and_keeps_its_statistics(tiny_dataset: Path, tmp_path: Pa
     record = reporting.read_json(workdir / "metrics.json")["bn_statistics"]
     assert record == {"mode": "auto", "recalibrated": True, "backbone": "random",
                       "statistics": "re-estimated", "clips": 48, "batches": 2}
-    stored = checkpointing.load_backbone(workdir).batch_stats  # the head trained with these
+    stored = backbone_lib.load_backbone(workdir).batch_stats  # the head trained with these
     assert not np.allclose(stored["bn1/var"], 1.0)
 
     # Resumed (extended by a step, as --allow_config_change=num_train_steps allows): the
@@ -232,11 +235,12 @@ def test_probe_records_and_keeps_its_statistics(tiny_dataset: Path, tmp_path: Pa
     record = reporting.read_json(workdir / "metrics.json")["bn_statistics"]
     assert record == {"mode": "auto", "recalibrated": False, "backbone": "resumed",
                       "statistics": "from checkpoint"}
-    again = checkpointing.load_backbone(workdir).batch_stats
+    again = backbone_lib.load_backbone(workdir).batch_stats
     for key, value in stored.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
+@pytest.mark.slow
 def test_linear_evaluation_records_its_statistics(tiny_dataset: Path, tmp_path: Path,
                                                   capsys) -> None:
     config = tiny_finetune_config(tiny_dataset, num_train_steps=1, bn_recalibration_clips=16)
@@ -259,9 +263,9 @@ def _save_backbone(workdir: Path, data_dir: Path) -> dict[str, np.ndarray]:
         lambda path, x: (rng.uniform(0.5, 2.0, x.shape) if "var" in str(path[-1])
                          else rng.normal(0, 0.5, x.shape)).astype(np.float32),
         jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(backbone, nnx.BatchStat))))
-    checkpointing.save_backbone(workdir, params=nnx.to_pure_dict(nnx.state(backbone, nnx.Param)),
-                                batch_stats=stats, config=tiny_config(data_dir))
-    return checkpointing.flatten(stats)
+    backbone_lib.save_backbone(workdir, params=nnx.to_pure_dict(nnx.state(backbone, nnx.Param)),
+                               batch_stats=stats, config=tiny_config(data_dir))
+    return backbone_lib.flatten(stats)
 
 
 def _retrieval_config(data_dir: Path, **overrides):

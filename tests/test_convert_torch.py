@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import default as default_config
 from configs import finetune as finetune_config
-from vcp_jax import checkpointing, finetune, models, trainer
+from vcp_jax import backbone as backbone_lib
+from vcp_jax import checkpointing, finetune, models, trainer, vcop
 from vcp_jax import convert_torch as ct
+from vcp_jax import modality as modality_lib
+from vcp_jax.config_utils import ConfigError
 
 torch = pytest.importorskip("torch")
 from tests import torch_reference as ref  # noqa: E402 - needs torch
@@ -94,15 +98,14 @@ def _inner_data_parallel(arch):
     return vcopn, "base_network.module."
 
 
-# (arch, how the file was made, what it saves, the head keys it must drop)
+# (arch, how the file was made, what it saves, the head keys it must drop, the head it imports)
 FILES = [
-    ("r3d", _bare, "state_dict", ()),
-    ("c3d", _classifier, "state_dict", ("linear.bias", "linear.weight")),
-    ("r21d", _vcp, "state_dict", ("fc.bias", "fc.weight")),
-    ("r3d", _vcop, "state_dict", ("fc7.bias", "fc7.weight", "fc8.bias", "fc8.weight")),
-    ("c3d", _data_parallel, "wrapped", ("module.fc.bias", "module.fc.weight")),
-    ("r21d", _inner_data_parallel, "wrapped",
-     ("fc7.bias", "fc7.weight", "fc8.bias", "fc8.weight")),
+    ("r3d", _bare, "state_dict", (), None),
+    ("c3d", _classifier, "state_dict", ("linear.bias", "linear.weight"), None),
+    ("r21d", _vcp, "state_dict", (), "vcp"),
+    ("r3d", _vcop, "state_dict", (), "vcop"),
+    ("c3d", _data_parallel, "wrapped", (), "vcp"),
+    ("r21d", _inner_data_parallel, "wrapped", (), "vcop"),
 ]
 
 
@@ -129,9 +132,10 @@ def _features(net: torch.nn.Module, clips: torch.Tensor) -> np.ndarray:
         return backbone(clips).numpy()
 
 
-@pytest.mark.parametrize("arch,make,saved,dropped", FILES,
-                         ids=[f"{a}-{m.__name__.strip('_')}" for a, m, _, _ in FILES])
-def test_convert_reference_checkpoint(tmp_path, capsys, arch, make, saved, dropped) -> None:
+@pytest.mark.parametrize("arch,make,saved,dropped,pretext", FILES,
+                         ids=[f"{a}-{m.__name__.strip('_')}" for a, m, _, _, _ in FILES])
+def test_convert_reference_checkpoint(tmp_path, capsys, arch, make, saved, dropped,
+                                      pretext) -> None:
     net, prefix = make(arch)
     state_dict = net.state_dict()
     assert any(k.endswith("num_batches_tracked") for k in state_dict)
@@ -147,10 +151,16 @@ def test_convert_reference_checkpoint(tmp_path, capsys, arch, make, saved, dropp
         assert "dropped (heads): " + ", ".join(dropped) in console
     else:
         assert "dropped" not in console
+    if pretext:
+        assert f"imported the {pretext.upper()} head" in console
+    else:
+        assert "imported" not in console
 
-    loaded = checkpointing.load_backbone(out)
+    loaded = backbone_lib.load_backbone(out)
     assert loaded.arch == arch and loaded.width == WIDTH and loaded.task == "convert_torch"
     assert loaded.config["source"] == str(path.absolute())
+    assert loaded.config.get("pretext") == pretext
+    assert loaded.dropped == (("head",) if pretext else ())  # stages read the backbone only
     # Exactly the reference's tensors, in vcp-jax's layout.
     table = ct.key_table(arch, WIDTH)
     for key, entry in table.items():
@@ -165,7 +175,7 @@ def test_convert_reference_checkpoint(tmp_path, capsys, arch, make, saved, dropp
                                (nnx.BatchStat, loaded.batch_stats, "BatchNorm statistics")):
         state = nnx.state(backbone, kind)
         target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state.to_pure_dict())
-        nnx.replace_by_pure_dict(state, checkpointing.assign_backbone(
+        nnx.replace_by_pure_dict(state, backbone_lib.assign_backbone(
             target, values, what=what, source=loaded.path))
         nnx.update(backbone, state)
     backbone.eval()
@@ -175,6 +185,7 @@ def test_convert_reference_checkpoint(tmp_path, capsys, arch, make, saved, dropp
     assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_fine_tunes(tmp_path) -> None:
     """Fine-tuning with `init_from` a converted VCP model: the stage takes arch and width from
     the checkpoint, its classifier's backbone gives the reference's features, and it trains."""
@@ -187,10 +198,10 @@ def test_converted_checkpoint_fine_tunes(tmp_path) -> None:
     config.model.conv_impl = "native"
     config.optimizer.learning_rate = 0.05
     config.num_train_steps = 10
-    source = trainer.resolve_init(config, tmp_path / "finetune")
+    source = backbone_lib.resolve_init(config, tmp_path / "finetune")
     assert (config.model.arch, config.model.width) == ("r3d", WIDTH)
     state, ctx = finetune.create_train_state(config, num_classes=3)
-    state = trainer.init_backbone(state, source)
+    state = backbone_lib.init_backbone(state, source)
 
     clips = torch.rand(2, 3, 8, 16, 16, generator=torch.Generator().manual_seed(6))
     expected = _features(net, clips)
@@ -207,6 +218,104 @@ def test_converted_checkpoint_fine_tunes(tmp_path) -> None:
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- VCOP with its head
+
+
+def test_vcop_checkpoint_converts_with_its_head(tmp_path, capsys) -> None:
+    """A `torch.save` of [U]'s VCOPN(res=True) state dict (the reference's keys: `base_network.*`
+    with `num_batches_tracked`, `fc7.*`, `fc8.*`) converts with `--modality res` into a checkpoint
+    whose backbone and head make vcp-jax's VCOP model give the reference's logits (inference
+    mode, residual input), and whose config records the modality and the pretext."""
+    net = _randomized(ref.VCOPN(ref.create_backbone("r3d", WIDTH), res=True), seed=3)
+    state_dict = net.state_dict()
+    assert {"fc7.weight", "fc7.bias", "fc8.weight", "fc8.bias",
+            "base_network.bn1.num_batches_tracked"} <= set(state_dict)
+    torch.save(state_dict, tmp_path / "vcop.pt")
+    out = tmp_path / "converted"
+    assert ct.main(["--arch", "r3d", "--checkpoint", str(tmp_path / "vcop.pt"), "--out", str(out),
+                    "--modality", "res"]) == 0
+    console = capsys.readouterr().out
+    assert ("imported the VCOP head (fc7.bias, fc7.weight, fc8.bias, fc8.weight: 3 clips, 6 "
+            "classes) as head/") in console and "res input" in console
+
+    head, config = ct.load_head(out)
+    assert config["pretext"] == "vcop" and config["head"] == {"num_clips": 3, "num_classes": 6}
+    for name in ("fc7", "fc8"):
+        np.testing.assert_array_equal(head[name]["kernel"], state_dict[f"{name}.weight"].numpy().T)
+        np.testing.assert_array_equal(head[name]["bias"], state_dict[f"{name}.bias"].numpy())
+    loaded = backbone_lib.load_backbone(out)
+    recorded = modality_lib.from_checkpoint_config(loaded.config)
+    assert recorded == modality_lib.InputModality("res", "vcop", "roll")
+
+    # As a VCOP stage would start from it: backbone (init_from) and head, the recorded modality.
+    config = default_config.get_config("r3d")
+    config.vcop = vcop.default_config()
+    config.model.width = WIDTH
+    config.model.conv_impl = "native"
+    with config.unlocked():
+        config.model.update(recorded.to_config())
+    state, ctx = vcop.create_train_state(config)
+    assert ctx.task.modality == recorded
+    state = vcop.init_head(backbone_lib.init_backbone(state, loaded), head)
+    model = trainer.eval_model(state, ctx)
+    tuples = torch.rand(2, 3, 3, 8, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = net(tuples).numpy()
+    inputs = ctx.task.modality(jnp.asarray(np.moveaxis(tuples.numpy(), 2, -1)))
+    actual = _forward(*nnx.split(model), inputs)
+    assert actual.shape == (2, 6)
+    assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_head_errors_and_other_heads() -> None:
+    """A VCOP head of the wrong shape names the key; a head that is neither VCP's nor VCOP's
+    (`VCOPN_RNN`: `lstm.*` and `fc.*`) is dropped, the backbone converts."""
+    backbone = {f"base_network.{k}": v for k, v in _state_dict("r3d").items()}
+    f = 8 * WIDTH
+    vcop_head = {"fc7.weight": torch.zeros(512, 2 * f), "fc7.bias": torch.zeros(512),
+                 "fc8.weight": torch.zeros(6, 1536), "fc8.bias": torch.zeros(6)}
+    converted = ct.convert_state_dict("r3d", {**backbone, **vcop_head})
+    assert converted.pretext == "vcop" and converted.num_clips == 3
+    assert converted.head["fc8"]["kernel"].shape == (1536, 6)
+    four = {**vcop_head, "fc8.weight": torch.zeros(24, 3072), "fc8.bias": torch.zeros(24)}
+    assert ct.convert_state_dict("r3d", {**backbone, **four}).num_clips == 4
+    bad = {**vcop_head, "fc8.weight": torch.zeros(6, 1000)}
+    assert "'fc8.weight' has shape (6, 1000)" in _error("r3d", {**backbone, **bad})
+    bad = {**vcop_head, "fc7.weight": torch.zeros(512, 100)}
+    assert "'fc7.weight' reads 100 features" in _error("r3d", {**backbone, **bad})
+    partial = {k: v for k, v in vcop_head.items() if k != "fc8.bias"}
+    assert "the VCOP head needs the keys" in _error("r3d", {**backbone, **partial})
+    rnn = {"lstm.weight_ih_l0": torch.zeros(4, 2), "fc.weight": torch.zeros(6, 2),
+           "fc.bias": torch.zeros(6)}
+    converted = ct.convert_state_dict("r3d", {**backbone, **rnn})
+    assert converted.head is None and converted.dropped == tuple(sorted(rnn))
+    vcp_head = {"fc.weight": torch.zeros(5, 3 * f), "fc.bias": torch.zeros(5)}
+    converted = ct.convert_state_dict("r3d", {**backbone, **vcp_head})
+    assert (converted.pretext, converted.num_clips, converted.num_classes) == ("vcp", 3, 5)
+
+
+def test_init_head_refuses_a_head_that_does_not_fit() -> None:
+    config = default_config.get_config("r3d")
+    config.vcop = vcop.default_config()
+    config.model.width = WIDTH
+    with config.unlocked():
+        config.model.modality = "rgb"
+    state, _ = vcop.create_train_state(config)
+    head = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)["head"])
+    head["fc8"]["kernel"] = np.zeros((1536, 24), np.float32)
+    with pytest.raises(ConfigError, match=r"head 'fc8/kernel' has shape \(1536, 24\)"):
+        vcop.init_head(state, head)
+
+
+def test_load_head_of_a_backbone_checkpoint(tmp_path) -> None:
+    torch.save(_randomized(ref.create_backbone("r3d", WIDTH)).state_dict(), tmp_path / "b.pt")
+    ct.convert("r3d", tmp_path / "b.pt", tmp_path / "out")
+    with pytest.raises(ct.ConversionError, match="holds no head"):
+        ct.load_head(tmp_path / "out")
+    config = backbone_lib.load_backbone(tmp_path / "out").config
+    assert modality_lib.from_checkpoint_config(config) == modality_lib.InputModality()
 
 
 # ----------------------------------------------------------------------------- errors

@@ -142,7 +142,7 @@ def test_a_stage_is_reused_only_with_the_config_it_ran_with(
             return result
         return run
 
-    monkeypatch.setattr(demo, "_runner", runner)
+    monkeypatch.setattr(demo, "runners", lambda: {task: runner(task) for task in demo.RESULT_FILES})
     monkeypatch.setattr(demo, "comparison", lambda results, *a, **k: [])
     monkeypatch.setattr(demo, "render_report", lambda *a, **k: "")
     monkeypatch.setattr(demo, "render_table", lambda *a, **k: "")

@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.tiny_configs import tiny_config
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import checkpointing, finetune, pretrain, signals, trainer
 from vcp_jax import workdir as workdir_lib
 
@@ -301,7 +302,7 @@ def test_a_legacy_nan_checkpoint_is_skipped_like_a_damaged_one(tmp_path: Path) -
 
 def _backbone(tmp_path: Path, value: float) -> Path:
     workdir = tmp_path / f"backbone_{value}"
-    checkpointing.save_backbone(
+    backbone_lib.save_backbone(
         workdir, params={"conv1": {"kernel": np.full((2, 2), value, np.float32)}},
         batch_stats={"bn1": {"mean": np.zeros(2, np.float32)}},
         config={"model": {"arch": "r3d", "width": 4}})
@@ -309,10 +310,10 @@ def _backbone(tmp_path: Path, value: float) -> Path:
 
 
 def test_init_from_refuses_a_non_finite_backbone(tmp_path: Path) -> None:
-    assert checkpointing.load_backbone(_backbone(tmp_path, 1.0)).num_params == 4
+    assert backbone_lib.load_backbone(_backbone(tmp_path, 1.0)).num_params == 4
     with pytest.raises(checkpointing.NonFiniteError, match=r"non-finite values \(4 of 6, in "
                                                             r"params/backbone/conv1/kernel"):
-        checkpointing.load_backbone(_backbone(tmp_path, np.nan))
+        backbone_lib.load_backbone(_backbone(tmp_path, np.nan))
 
 
 def test_init_from_a_damaged_checkpoint_or_a_file_says_so(tmp_path: Path) -> None:
@@ -320,10 +321,10 @@ def test_init_from_a_damaged_checkpoint_or_a_file_says_so(tmp_path: Path) -> Non
     _damage(workdir / "checkpoints" / "0")
     with pytest.raises(checkpointing.CheckpointError, match=r"init_from: the checkpoint .*/0 is "
                                                             r"damaged"):
-        checkpointing.load_backbone(workdir)
+        backbone_lib.load_backbone(workdir)
     (tmp_path / "model.pt").write_bytes(b"x")
     with pytest.raises(checkpointing.CheckpointError, match="model.pt is a file"):
-        checkpointing.load_backbone(tmp_path / "model.pt")
+        backbone_lib.load_backbone(tmp_path / "model.pt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,6 +475,7 @@ def test_main_refuses_a_locked_workdir_and_unknown_override_keys(tmp_path: Path)
     assert f"{tmp_path / 'file'} is a file, not a folder" in out
 
 
+@pytest.mark.slow
 def test_main_stops_a_diverged_run_with_status_3(tiny_dataset: Path, tmp_path: Path) -> None:
     args = ("--config.optimizer.learning_rate=1e6", "--config.num_train_steps=4")
     out = _run(tmp_path, tiny_dataset, *args, status=3)

@@ -13,14 +13,15 @@ from flax import nnx
 
 from tests.conftest import tiny_config
 from tests.tiny_configs import tiny_finetune_config
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import (
     checkpointing,
     config_utils,
+    datasets,
     finetune,
     input_pipeline,
     parallel,
     pretrain,
-    trainer,
 )
 
 
@@ -60,6 +61,7 @@ def _finetune_steps(strategy, config, batch, num_classes, steps=2):
     return losses, strategy.get_state(state)
 
 
+@pytest.mark.slow
 def test_finetune_step_is_the_same_on_1_and_8_devices(tiny_dataset: Path) -> None:
     config = finetune_config(tiny_dataset)
     data = _data(config)
@@ -80,7 +82,7 @@ def _test_outputs(strategy, config, data, state, ctx):
     test_fn = strategy.compile(functools.partial(finetune.test_step, ctx=ctx),
                                donate_state=False)
     iterator = input_pipeline.make_iterator(data.test, config, prefetch_processes=False)
-    return trainer.gather(strategy.put_state(state), iterator, test_fn, strategy)
+    return parallel.gather(strategy.put_state(state), iterator, test_fn, strategy)
 
 
 def test_ten_clip_test_counts_every_video_once_on_any_devices(tiny_dataset: Path) -> None:
@@ -131,20 +133,20 @@ def test_init_from_puts_exactly_the_backbone_in(tiny_dataset: Path, pretrained: 
                                                 tmp_path: Path) -> None:
     config = finetune_config(tiny_dataset, init_from=str(pretrained))
     config.model.arch, config.model.width = None, None  # taken from the checkpoint
-    source = trainer.resolve_init(config, tmp_path / "new_workdir")
+    source = backbone_lib.resolve_init(config, tmp_path / "new_workdir")
     assert (config.model.arch, config.model.width) == ("r3d", 4)
     assert source.dropped == ("head",)
     fresh, _ = finetune.create_train_state(config, 4)
-    loaded = trainer.init_backbone(fresh, source)
+    loaded = backbone_lib.init_backbone(fresh, source)
     # The backbone's parameters and BN statistics are the checkpoint's, exactly.
-    saved = checkpointing.flatten(pretrained_state(pretrained, config)["params"]["backbone"])
-    got = checkpointing.flatten(loaded.params.to_pure_dict()["backbone"])
+    saved = backbone_lib.flatten(pretrained_state(pretrained, config)["params"]["backbone"])
+    got = backbone_lib.flatten(loaded.params.to_pure_dict()["backbone"])
     assert saved.keys() == got.keys()
     for key in saved:
         np.testing.assert_array_equal(got[key], saved[key])
-    saved_bn = checkpointing.flatten(
+    saved_bn = backbone_lib.flatten(
         pretrained_state(pretrained, config)["batch_stats"]["backbone"])
-    got_bn = checkpointing.flatten(loaded.batch_stats.to_pure_dict()["backbone"])
+    got_bn = backbone_lib.flatten(loaded.batch_stats.to_pure_dict()["backbone"])
     for key in saved_bn:
         np.testing.assert_array_equal(got_bn[key], saved_bn[key])
     assert any(np.any(v != 0) for v in saved_bn.values())
@@ -157,7 +159,7 @@ def pretrained_state(workdir: Path, config) -> dict:
     """The whole saved state, read with Orbax alone (NNX Variables' 'value' level removed)."""
     import orbax.checkpoint as ocp
 
-    step_dir, _ = checkpointing.find_checkpoint(workdir)
+    step_dir, _ = backbone_lib.find_checkpoint(workdir)
     restored = ocp.PyTreeCheckpointer().restore(step_dir / "state")
 
     def strip(tree):
@@ -174,20 +176,20 @@ def test_init_from_errors_name_the_checkpoint(tiny_dataset: Path, pretrained: Pa
                                               tmp_path: Path) -> None:
     config = finetune_config(tiny_dataset, init_from=str(tmp_path / "missing"))
     with pytest.raises(checkpointing.CheckpointError, match="missing.*does not exist"):
-        trainer.resolve_init(config, tmp_path / "w1")
+        backbone_lib.resolve_init(config, tmp_path / "w1")
     (tmp_path / "empty").mkdir()
     config = finetune_config(tiny_dataset, init_from=str(tmp_path / "empty"))
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in"):
-        trainer.resolve_init(config, tmp_path / "w2")
+        backbone_lib.resolve_init(config, tmp_path / "w2")
     config = finetune_config(tiny_dataset, init_from=str(pretrained))
     config.model.arch = "c3d"
     with pytest.raises(checkpointing.CheckpointError,
                        match=rf"{pretrained}.*arch='r3d'.*model.arch='c3d'"):
-        trainer.resolve_init(config, tmp_path / "w3")
+        backbone_lib.resolve_init(config, tmp_path / "w3")
     config = finetune_config(tiny_dataset, init_from=str(pretrained))
     config.model.width = 8
     with pytest.raises(checkpointing.CheckpointError, match="width=4.*model.width=8"):
-        trainer.resolve_init(config, tmp_path / "w4")
+        backbone_lib.resolve_init(config, tmp_path / "w4")
     # A checkpoint without a backbone (e.g. some other pytree saved by Orbax).
     import orbax.checkpoint as ocp
 
@@ -202,20 +204,20 @@ def test_init_from_errors_name_the_checkpoint(tiny_dataset: Path, pretrained: Pa
     manager.wait_until_finished()
     config = finetune_config(tiny_dataset, init_from=str(tmp_path / "other"))
     with pytest.raises(checkpointing.CheckpointError, match=r"has no backbone.*encoder"):
-        trainer.resolve_init(config, tmp_path / "w5")
+        backbone_lib.resolve_init(config, tmp_path / "w5")
     # A backbone of the right name but another shape: names the key.
     other = finetune_config(tiny_dataset)
     other.model.width = 8
     state8, _ = finetune.create_train_state(other, 4)
-    checkpointing.save_backbone(
+    backbone_lib.save_backbone(
         tmp_path / "wide", params=state8.params.to_pure_dict()["backbone"],
         batch_stats=state8.batch_stats.to_pure_dict()["backbone"],
         config={"model": {"arch": "r3d", "width": 4}})  # lies about its width
     config = finetune_config(tiny_dataset, init_from=str(tmp_path / "wide"))
-    source = trainer.resolve_init(config, tmp_path / "w6")
+    source = backbone_lib.resolve_init(config, tmp_path / "w6")
     fresh, _ = finetune.create_train_state(config, 4)
     with pytest.raises(checkpointing.CheckpointError, match=r"'bn1/bias'.*shape \(8,\)"):
-        trainer.init_backbone(fresh, source)
+        backbone_lib.init_backbone(fresh, source)
 
 
 def test_a_fine_tuned_backbone_is_not_tested_on_another_fold(
@@ -225,15 +227,21 @@ def test_a_fine_tuned_backbone_is_not_tested_on_another_fold(
     state, _ = finetune.create_train_state(config, 4)
     stored = finetune_config(tiny_dataset)
     stored.finetune.fold = 2
-    checkpointing.save_backbone(tmp_path / "ft2", params=state.params.to_pure_dict()["backbone"],
-                                batch_stats=state.batch_stats.to_pure_dict()["backbone"],
-                                config=stored)
-    source = checkpointing.load_backbone(tmp_path / "ft2")
+    backbone_lib.save_backbone(tmp_path / "ft2", params=state.params.to_pure_dict()["backbone"],
+                               batch_stats=state.batch_stats.to_pure_dict()["backbone"],
+                               config=stored)
+    source = backbone_lib.load_backbone(tmp_path / "ft2")
     assert source.fold == 2
-    with pytest.raises(config_utils.UserError, match="fine-tuned on ucf101_frames fold 2"):
-        trainer.check_fold(source, config.data)  # config.data is fold 1
+
+    def check(data) -> None:  # what every stage passes: the fold it tests on
+        backbone_lib.check_fold(source, dataset=data.name, fold=datasets.fold_of(data),
+                                builder_config_of=functools.partial(datasets.with_fold, data))
+
+    with pytest.raises(config_utils.UserError,
+                       match="fine-tuned on ucf101_frames fold 2.*builder_config='split2_32x43'"):
+        check(config.data)  # config.data is fold 1
     config.data.builder_config = "split2_32x43"
-    trainer.check_fold(source, config.data)  # its own fold: fine
+    check(config.data)  # its own fold: fine
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,9 +250,9 @@ def test_a_fine_tuned_backbone_is_not_tested_on_another_fold(
 
 
 def _backbone_arrays(state) -> tuple[dict, dict]:
-    return (checkpointing.flatten(jax.tree.map(np.asarray, state.params.to_pure_dict()
+    return (backbone_lib.flatten(jax.tree.map(np.asarray, state.params.to_pure_dict()
                                                ["backbone"])),
-            checkpointing.flatten(jax.tree.map(np.asarray, state.batch_stats.to_pure_dict()
+            backbone_lib.flatten(jax.tree.map(np.asarray, state.batch_stats.to_pure_dict()
                                                ["backbone"])))
 
 
@@ -292,6 +300,7 @@ def test_frozen_backbone_gets_no_gradient(tiny_dataset: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_run_from_a_pretraining_workdir(tiny_dataset: Path, pretrained: Path,
                                                  tmp_path: Path) -> None:
     config = finetune_config(tiny_dataset, init_from=str(pretrained))
@@ -355,6 +364,7 @@ def test_finetune_data_with_few_videos_per_class(tiny_dataset: Path) -> None:
         _data(config)
 
 
+@pytest.mark.slow
 def test_finetune_without_validation_videos_tests_the_last_step(
         tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = finetune_config(tiny_dataset)

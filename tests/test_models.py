@@ -225,7 +225,8 @@ def _forward(model: nnx.Module, x: jax.Array) -> jax.Array:
     return _jit_forward(*nnx.split(model), x)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a != "r3d" else a
+                                  for a in ARCHS])  # R3D, the demo's, in the quick set
 def test_tiny_forward_backward(arch):
     model = Classifier(create_backbone(arch, rngs=nnx.Rngs(0), width=4), 7, rngs=nnx.Rngs(1))
     x = jax.random.uniform(jax.random.key(0), TINY_CLIP)
@@ -275,6 +276,7 @@ def test_vcp_model_runs_backbone_once_in_clip_order():
     assert n_convs(lambda m, c: m.backbone(c), tuples[:, 0]) == 12
 
 
+@pytest.mark.slow
 def test_bfloat16_compute():
     backbone = create_backbone("r3d", rngs=nnx.Rngs(0), width=4, dtype=jnp.bfloat16)
     model = Classifier(backbone, 7, rngs=nnx.Rngs(1), dtype=jnp.bfloat16)
@@ -375,6 +377,7 @@ def _ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels])
 
 
+@pytest.mark.slow
 def test_per_clip_bn_equals_the_backbone_called_per_position():
     """[U] calls the backbone once per clip position; 'per_clip' gets the same in one call."""
     model = _tiny_vcp("per_clip")
@@ -427,6 +430,7 @@ def test_pooled_bn_is_one_batch_and_differs_from_per_clip():
     assert np.abs(logits - per_clip_logits).max() > 1e-3 * np.abs(per_clip_logits).max()
 
 
+@pytest.mark.slow
 def test_per_clip_bn_statistics_are_global_across_devices():
     """pmap over 8 devices with the BN axis equals 1 device: logits, grads and BN statistics.
 

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import REPO_ROOT
-from vcp_jax import checkpointing
+from vcp_jax import checkpointing, trainer
 
 pytestmark = pytest.mark.slow
 # Two steps: 1 and 2 processes reduce over devices in different orders, so their values agree to
@@ -39,10 +39,13 @@ def _free_port() -> int:
 
 
 def _launch(config: str, workdir: Path, data_dir: Path, *, processes: int, parallel: str,
-            extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
+            extra: tuple[str, ...] = (), hold_after_save: Path | None = None,
+            ) -> list[subprocess.Popen]:
     devices_per_process = 4 // processes
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count="
                                      f"{devices_per_process}")
+    if hold_after_save is not None:  # every process stops after the first save until killed
+        env[trainer.HOLD_AFTER_SAVE_ENV] = str(hold_after_save)
     base = [sys.executable, "main.py", "--config", config, f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", f"--config.parallel={parallel}",
             f"--config.num_train_steps={STEPS}", *extra]
@@ -80,14 +83,15 @@ def _initial_params(config_module: str, init_from: Path | None) -> dict:
     """The parameters both runs start from, built here the way the stage builds them."""
     import importlib
 
-    from vcp_jax import checkpointing, finetune, pretrain, trainer
+    from vcp_jax import backbone as backbone_lib
+    from vcp_jax import finetune, pretrain
 
     config = importlib.import_module(config_module).get_config()
     if config.task == "pretrain":
         state, _ = pretrain.create_train_state(config)
     else:
         state, _ = finetune.create_train_state(config, num_classes=4)
-        state = trainer.init_backbone(state, checkpointing.load_backbone(init_from))
+        state = backbone_lib.init_backbone(state, backbone_lib.load_backbone(init_from))
     return jax.tree.map(np.asarray, state.params.to_pure_dict() if hasattr(
         state.params, "to_pure_dict") else state.params)
 
@@ -200,18 +204,19 @@ def test_killing_one_process_and_restarting_both_resumes(
 ) -> None:
     workdir = tmp_path / "killed"
     extra = ("--config.checkpoint_every_steps=1", "--config.num_train_steps=4")
+    marker = tmp_path / "saved"  # written by process 0 once the first save is on disk
     processes = _launch("tests/tiny_pretrain_config.py", workdir, data_dir, processes=2,
-                        parallel="jit", extra=extra)
+                        parallel="jit", extra=extra, hold_after_save=marker)
     deadline = time.time() + 600
-    while not (workdir / "checkpoints" / "1").is_dir():  # orbax renames a finished save in
+    while not marker.is_file():  # both processes hold after that save: no race with the kill
         assert all(p.poll() is None for p in processes), "a process ended before its 1st save"
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.1)
     processes[1].send_signal(signal.SIGKILL)  # one host dies...
     processes[1].wait()
     processes[0].send_signal(signal.SIGKILL)  # ...and the job is torn down, as a scheduler does
     processes[0].wait()
-    assert not (workdir / "checkpoints" / "4").exists()
+    assert checkpointing.find_own_steps(workdir) == [1]
     outputs = _finish(_launch("tests/tiny_pretrain_config.py", workdir, data_dir, processes=2,
                               parallel="jit", extra=extra))
     assert "resumed from the checkpoint of step" in outputs[0]

@@ -17,13 +17,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import REPO_ROOT, tiny_config
-from vcp_jax import config_utils, parallel, pretrain, trainer
+from vcp_jax import checkpointing, config_utils, parallel, pretrain, trainer
 
 
 def _fixed_batch(config) -> dict[str, np.ndarray]:
     return pretrain.pretrain_data(config).train[0]
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(tiny_dataset: Path) -> None:
     config = tiny_config(tiny_dataset)
     config.optimizer.learning_rate = 0.05
@@ -52,6 +53,7 @@ def _run_steps(strategy, config, batch, num_steps=2):
     return losses, jax.tree.map(np.asarray, strategy.get_state(state).params)
 
 
+@pytest.mark.slow
 def test_jit_pmap_and_one_device_agree(tiny_dataset: Path) -> None:
     assert jax.device_count() == 8, "conftest sets 8 simulated devices"
     config = tiny_config(tiny_dataset)
@@ -112,13 +114,15 @@ def test_learning_rate_scales_with_batch(tiny_dataset: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _main(workdir: Path, data_dir: Path, *extra: str,
-          compilation_cache: Path | None = None) -> subprocess.Popen:
+def _main(workdir: Path, data_dir: Path, *extra: str, compilation_cache: Path | None = None,
+          hold_after_save: Path | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "main.py", "--config", "tests/tiny_pretrain_config.py",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
            "--config.eval_every_steps=4", *extra]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if hold_after_save is not None:  # the run stops after its first save, until it is killed
+        env[trainer.HOLD_AFTER_SAVE_ENV] = str(hold_after_save)
     if compilation_cache is not None:  # main.py's own cache flag, not the tests' shared cache
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
         cmd.append(f"--compilation_cache={compilation_cache}")
@@ -129,6 +133,15 @@ def _main(workdir: Path, data_dir: Path, *extra: str,
 def _final_params(workdir: Path) -> dict:
     restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "8" / "state")
     return jax.tree.map(np.asarray, restored["params"])
+
+
+def _wait_for(marker: Path, process: subprocess.Popen) -> None:
+    """Until the run holding after its first save has written `marker` (no race: it holds)."""
+    deadline = time.time() + 600
+    while not marker.is_file():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.1)
+    assert marker.read_text() == "2\n"
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -149,14 +162,12 @@ def test_killed_run_resumes_bit_for_bit(tiny_dataset: Path, tmp_path: Path) -> N
     cached = {p.name for p in cache.iterdir()}
     assert any(name.startswith("jit_") for name in cached), cached
 
-    process = _main(killed, tiny_dataset, compilation_cache=cache)
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "2").is_dir():  # orbax renames a finished save into place
-        assert process.poll() is None and time.time() < deadline, "run ended before its 1st save"
-        time.sleep(0.02)
+    marker = tmp_path / "saved"
+    process = _main(killed, tiny_dataset, compilation_cache=cache, hold_after_save=marker)
+    _wait_for(marker, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (killed / "checkpoints" / "8").exists()
+    assert checkpointing.find_own_steps(killed) == [2]  # killed right after its first save
     out = _finish(_main(killed, tiny_dataset, compilation_cache=cache))
     assert "resumed from the checkpoint of step" in out
     jax.tree.map(np.testing.assert_array_equal, _final_params(killed), _final_params(straight))

@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import retrieval as retrieval_config
 from tests.conftest import TINY_DATASET_CONFIG, tiny_config
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import (
     checkpointing,
     config_utils,
@@ -189,7 +190,7 @@ def save_random_backbone(workdir: Path, config, seed: int = 7):
         lambda path, x: (rng.uniform(0.5, 2.0, x.shape) if "var" in str(path[-1])
                          else rng.normal(0, 0.5, x.shape)).astype(np.float32), stats)
     params = nnx.to_pure_dict(nnx.state(backbone, nnx.Param))
-    checkpointing.save_backbone(workdir, params=params, batch_stats=stats, config=config)
+    backbone_lib.save_backbone(workdir, params=params, batch_stats=stats, config=config)
     return params, stats
 
 

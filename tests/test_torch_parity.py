@@ -27,8 +27,9 @@ import pytest
 from flax import nnx
 
 from configs import default as default_config
-from vcp_jax import checkpointing, models, pretrain, trainer
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import convert_torch as ct
+from vcp_jax import models, pretrain, trainer
 
 torch = pytest.importorskip("torch")
 from tests import torch_reference as ref  # noqa: E402 - needs torch
@@ -66,7 +67,7 @@ def numpy_of(named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, np.ndarray]
 def as_jax_paths(arch: str, width: int, named: dict[str, np.ndarray], collection: str,
                  prefix: str = "base_network.") -> dict[str, np.ndarray]:
     """A VCPN's `{torch name: array}` as vcp-jax's flat `{'backbone/...': array}` (+ the head)."""
-    out = {f"{checkpointing.BACKBONE}/{entry.path}": ct.to_jax_layout(named[prefix + key])
+    out = {f"{backbone_lib.BACKBONE}/{entry.path}": ct.to_jax_layout(named[prefix + key])
            for key, entry in ct.key_table(arch, width).items() if entry.collection == collection}
     if collection == "params" and "fc.weight" in named:
         out["head/fc/kernel"] = named["fc.weight"].T
@@ -119,10 +120,10 @@ def jax_twin(arch: str, vcpn: torch.nn.Module, config, dtype=jnp.float32):
     model = nnx.eval_shape(build)
     state_dict = vcpn.state_dict()
     converted = ct.convert_state_dict(arch, state_dict)
-    params = {checkpointing.BACKBONE: converted.params,
+    params = {backbone_lib.BACKBONE: converted.params,
               "head": {"fc": {"kernel": state_dict["fc.weight"].numpy().T.copy(),
                               "bias": state_dict["fc.bias"].numpy().copy()}}}
-    load_into(model, params, {checkpointing.BACKBONE: converted.batch_stats}, dtype)
+    load_into(model, params, {backbone_lib.BACKBONE: converted.batch_stats}, dtype)
     return trainer.create_train_state(model, config)
 
 
@@ -170,7 +171,7 @@ def compare_step(arch: str, dtype, num_steps: int, tol: dict[str, float]) -> dic
         errors = {"logits": relative_error(j_logits, logits),
                   "loss": abs(float(j_loss) - loss) / abs(loss)}
         expected = as_jax_paths(arch, TRAIN_WIDTH, grads, "params")
-        actual = checkpointing.flatten(j_grads.to_pure_dict())
+        actual = backbone_lib.flatten(j_grads.to_pure_dict())
         # Relative to each tensor's largest gradient, or to 1e-3 of the model's largest for
         # tensors whose gradient is (nearly) zero and so rounding noise on both sides. C3D's
         # conv biases feed BatchNorm, which subtracts them again: their gradient is 0 in exact
@@ -183,10 +184,10 @@ def compare_step(arch: str, dtype, num_steps: int, tol: dict[str, float]) -> dic
             (max(np.abs(actual[k]).max(), np.abs(expected[k]).max()) / scale for k in zero),
             default=0.0)
         expected = as_jax_paths(arch, TRAIN_WIDTH, numpy_of(vcpn.named_parameters()), "params")
-        actual = checkpointing.flatten(state.params.to_pure_dict())
+        actual = backbone_lib.flatten(state.params.to_pure_dict())
         errors["params"] = max(relative_error(actual[k], v) for k, v in expected.items())
         expected = as_jax_paths(arch, TRAIN_WIDTH, numpy_of(vcpn.named_buffers()), "batch_stats")
-        actual = checkpointing.flatten(state.batch_stats.to_pure_dict())
+        actual = backbone_lib.flatten(state.batch_stats.to_pure_dict())
         assert set(actual) == set(expected)
         errors["batch_stats"] = max(relative_error(actual[k], v) for k, v in expected.items())
         for key, value in errors.items():
@@ -227,7 +228,8 @@ def _forward(graphdef, state, x):
 # ----------------------------------------------------------------------------- VCP training
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("arch", [a if a == "r3d" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in models.ARCHS])  # R3D in the quick set
 def test_vcp_train_step_matches_reference_float32(arch: str) -> None:
     """The default config's step, in float32: [U]'s loss, gradients, BN statistics and SGD."""
     compare_step(arch, jnp.float32, num_steps=1, tol={
@@ -272,7 +274,7 @@ def test_pooled_bn_stats_is_not_the_reference() -> None:
     assert relative_error(logits, per_clip) > 1e-2  # measured: 5% on full-size models
     expected = as_jax_paths("r3d", TRAIN_WIDTH, numpy_of(pooled_vcpn.named_buffers()),
                             "batch_stats")
-    actual = checkpointing.flatten(state.batch_stats.to_pure_dict())
+    actual = backbone_lib.flatten(state.batch_stats.to_pure_dict())
     assert max(relative_error(actual[k], v) for k, v in expected.items()) <= 1e-5
 
 
@@ -295,10 +297,10 @@ def test_classifier_train_step_matches_reference() -> None:
     state_dict = net.state_dict()
     converted = ct.convert_state_dict("r3d", state_dict)
     assert converted.dropped == ("linear.bias", "linear.weight")
-    params = {checkpointing.BACKBONE: converted.params,
+    params = {backbone_lib.BACKBONE: converted.params,
               "fc": {"kernel": state_dict["linear.weight"].numpy().T.copy(),
                      "bias": state_dict["linear.bias"].numpy().copy()}}
-    load_into(model, params, {checkpointing.BACKBONE: converted.batch_stats}, jnp.float32)
+    load_into(model, params, {backbone_lib.BACKBONE: converted.batch_stats}, jnp.float32)
     state, ctx = trainer.create_train_state(model, pretrain_config("r3d"))
     sgd = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     loss, logits, grads = torch_step(net, sgd, clips, labels)
@@ -308,12 +310,12 @@ def test_classifier_train_step_matches_reference() -> None:
     assert abs(float(j_loss) - loss) <= 1e-5 * loss
     named = {**grads, "fc.weight": grads["linear.weight"], "fc.bias": grads["linear.bias"]}
     expected = as_jax_paths("r3d", TRAIN_WIDTH, named, "params", prefix="")
-    actual = checkpointing.flatten(j_grads.to_pure_dict())
+    actual = backbone_lib.flatten(j_grads.to_pure_dict())
     expected = {k.replace("head/", ""): v for k, v in expected.items()}
     assert max(relative_error(actual[k], v) for k, v in expected.items()) <= 1e-3
     expected = as_jax_paths("r3d", TRAIN_WIDTH, numpy_of(net.named_buffers()), "batch_stats",
                             prefix="")
-    actual = checkpointing.flatten(state.batch_stats.to_pure_dict())
+    actual = backbone_lib.flatten(state.batch_stats.to_pure_dict())
     assert max(relative_error(actual[k], v) for k, v in expected.items()) <= 1e-5
 
 

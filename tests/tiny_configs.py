@@ -10,46 +10,36 @@ TINY_DATASET_CONFIG = "split1_32x43"
 
 
 def tiny_config(data_dir: Path):
-    """The synthetic pretraining config shrunk for unit tests: 8-frame clips, width-4 R3D."""
-    from configs import pretrain_synthetic
+    """The synthetic pretraining config shrunk for unit tests (`configs/default.py:tiny`, as the
+    CI demo): 8-frame clips, width-4 R3D on the tiny dataset, 4 steps."""
+    from configs import default, pretrain_synthetic
 
-    config = pretrain_synthetic.get_config()
+    config = default.tiny(pretrain_synthetic.get_config(), builder_config=TINY_DATASET_CONFIG,
+                          crop_size=24, steps=4, every=2, log_every=2)
     config.data.data_dir = str(data_dir)
-    config.data.builder_config = TINY_DATASET_CONFIG
     config.data.synthetic = None
-    config.data.crop_size = 24
     config.data.num_val_videos = 4
     config.data.num_threads = 2
     config.cloze.clip_len = 8
     config.cloze.interval = 4
     config.cloze.remote_gap = 8
-    config.model.width = 4
-    config.batch_size = 8
     config.optimizer.warmup_steps = 0
     config.optimizer.schedule = "constant"
     config.optimizer.learning_rate = 0.01
-    config.num_train_steps = 4
-    config.log_every_steps = 2
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
     return config
 
 
 def tiny_finetune_config(data_dir: Path, **overrides):
     """configs/finetune.py on the tiny dataset, shrunk like `tiny_config`; `overrides` by key."""
-    from configs import finetune
+    from configs import default, finetune
 
     config = finetune.get_config("dataset=ucf101,fold=1,arch=r3d")
     config.data = tiny_config(data_dir).data
-    config.model.width = 4
-    config.batch_size = 8
+    default.tiny(config, builder_config=TINY_DATASET_CONFIG, crop_size=config.data.crop_size,
+                 steps=2, every=1, log_every=1)
     config.finetune.clip_len = 8
     config.finetune.num_test_clips = 3
     config.finetune.test_batch_size = 8
-    config.num_train_steps = 2
-    config.eval_every_steps = 1
-    config.checkpoint_every_steps = 1
-    config.log_every_steps = 1
     for key, value in overrides.items():
         config[key] = value
     return config

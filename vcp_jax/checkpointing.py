@@ -1,32 +1,25 @@
-"""Orbax checkpoints: a training run's own (resume, best validation loss) and the hand-over of a
-backbone from one stage to the next (pretrain -> fine-tune / retrieval / probe).
+"""Orbax checkpoints of a training run: resume, the best validation loss, damaged steps.
 
 A run's checkpoint holds the train state (params, BatchNorm statistics, optimizer state, step,
 rng) and the resolved config; the data stream needs no state of its own, as its position is a
 function of the step (`input_pipeline`). Saves are asynchronous. The last
 `keep_checkpoints` are kept, plus the one with the lowest validation loss (`best.json` names it;
-the next stage starts from it).
-
-A backbone is read out of any such checkpoint with `load_backbone(path)`: only the `backbone`
-subtree of the parameters and of the BatchNorm statistics is restored (Orbax partial restore),
-together with the config that built it, so a later stage rebuilds the same architecture without
-the user repeating it. `save_backbone` writes a checkpoint with nothing but a backbone (what the
-PyTorch converter produces); `load_backbone` reads both kinds alike.
+the next stage starts from it). Handing a backbone from one stage to the next (reading it out of
+such a checkpoint, or writing one that holds nothing else) is `vcp_jax.backbone`'s.
 
 What is refused or survived (docs/faults.md): a state with a non-finite value is never saved
-(nor ranked best), and a backbone with one is never loaded; a resumed run's config is compared
-with the one stored in the checkpoint (`check_resume_config`; changes to what is trained are
-refused unless `allow_config_changes` names them) and the restored shapes with the model's; a
-checkpoint that cannot be restored is reported by its step and moved aside, and the previous
-intact one is used; a failed save (full disk, read-only folder) is one `StorageError` naming the
-path and the cause.
+(nor ranked best); a resumed run's config is compared with the one stored in the checkpoint
+(`check_resume_config`; changes to what is trained are refused unless `allow_config_changes`
+names them) and the restored shapes with the model's; a checkpoint that cannot be restored is
+reported by its step and moved aside, and the previous intact one is used; a failed save (full
+disk, read-only folder) is one `StorageError` naming the path and the cause. After each
+completed save a marker file (`SAVED_MARKER`) names the step, for whoever waits on the disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import json
 import math
 import shutil
@@ -47,7 +40,6 @@ from vcp_jax.workdir import StorageError, describe_os_error, storage_errno
 
 BEST_FILE = "best.json"
 CHECKPOINTS_DIR = "checkpoints"
-BACKBONE = "backbone"  # the name of the backbone's subtree in every model (VCPModel, Classifier)
 
 
 BROKEN_SUFFIX = ".broken"  # a step folder that could not be restored is moved to `<step>.broken`
@@ -81,7 +73,7 @@ class RunCheckpoints:
             ),
         ])
         self._in_flight: int | None = None  # the step of the save still being written
-        with _storage_errors(f"cannot use the checkpoint folder {self.directory}"):
+        with storage_errors(f"cannot use the checkpoint folder {self.directory}"):
             self.manager = ocp.CheckpointManager(
                 self.directory,
                 options=ocp.CheckpointManagerOptions(
@@ -120,7 +112,7 @@ class RunCheckpoints:
             )
             self._in_flight = step
             if metrics and jax.process_index() == 0:
-                best = _read_best(self.directory)
+                best = read_best(self.directory)
                 if best is None or metrics["val_loss"] < best["val_loss"]:
                     (self.directory / BEST_FILE).write_text(
                         json.dumps({"step": step, "val_loss": metrics["val_loss"]}) + "\n"
@@ -173,7 +165,7 @@ class RunCheckpoints:
                 try:
                     restored = self.restore_state(state, step)
                 except Exception as e:  # noqa: BLE001 - any failure to read is a damaged step
-                    reason = _short_reason(e)
+                    reason = short_reason(e)
             if reason is None and not tree_is_finite(restored):
                 reason = "it holds non-finite values (saved by a diverged run)"
             if reason is not None:
@@ -209,9 +201,9 @@ class RunCheckpoints:
         wrong = [f"{k} {stored[k]} (the model's: {wanted[k]})"
                  for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
         if missing or extra or wrong:
-            parts = [f"missing {_some(missing)}" if missing else "",
-                     f"unexpected {_some(extra)}" if extra else "",
-                     f"shapes {_some(wrong)}" if wrong else ""]
+            parts = [f"missing {some(missing)}" if missing else "",
+                     f"unexpected {some(extra)}" if extra else "",
+                     f"shapes {some(wrong)}" if wrong else ""]
             raise CheckpointError(
                 f"the checkpoint {step_dir} does not fit this run's model: "
                 + "; ".join(p for p in parts if p)
@@ -226,7 +218,7 @@ class RunCheckpoints:
             source = self.directory / str(step)
             target = source.with_name(f"{step}{BROKEN_SUFFIX}")
             if jax.process_index() == 0:
-                with _storage_errors(f"cannot move the damaged checkpoint {source} aside"):
+                with storage_errors(f"cannot move the damaged checkpoint {source} aside"):
                     if target.exists():
                         shutil.rmtree(target)
                     source.rename(target)
@@ -273,7 +265,7 @@ class RunCheckpoints:
 
         None also when that save never reached the disk (the run died while it was in flight).
         """
-        best = _read_best(self.directory)
+        best = read_best(self.directory)
         if best is None or int(best["step"]) not in self.manager.all_steps():
             return None
         return int(best["step"])
@@ -318,7 +310,7 @@ def _as_storage_error(message: Callable[[str], str]) -> Iterator[None]:
         raise StorageError(message(describe_os_error(e))) from None
 
 
-def _storage_errors(what: str) -> contextlib.AbstractContextManager[None]:
+def storage_errors(what: str) -> contextlib.AbstractContextManager[None]:
     return _as_storage_error(lambda cause: f"{what}: {cause}")
 
 
@@ -336,11 +328,11 @@ def _key(path: tuple[Any, ...]) -> str:
     return "/".join(parts)
 
 
-def _some(items: list[str], n: int = 4) -> str:
+def some(items: list[str], n: int = 4) -> str:
     return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def _short_reason(error: BaseException) -> str:
+def short_reason(error: BaseException) -> str:
     """The first line of a restore failure, shortened (TensorStore's run to many lines)."""
     text = str(error).strip().splitlines()
     first = text[0] if text else type(error).__name__
@@ -485,56 +477,12 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _read_best(directory: Path) -> dict[str, Any] | None:
+def read_best(directory: Path) -> dict[str, Any] | None:
     path = directory / BEST_FILE
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):  # a damaged best.json only loses the choice of the best
         return None
-
-
-# --------------------------------------------------------------------------------------------
-# Stage to stage: the backbone of a checkpoint
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneCheckpoint:
-    """A backbone read from a checkpoint: flat `'conv1/kernel' -> array` maps and provenance."""
-
-    params: dict[str, np.ndarray]
-    batch_stats: dict[str, np.ndarray]
-    config: dict[str, Any]  # the resolved config of the run that wrote it
-    path: Path  # the checkpoint's step folder
-    step: int
-    dropped: tuple[str, ...]  # top-level parameter subtrees that were not loaded (the heads)
-
-    @property
-    def arch(self) -> str:
-        return self.config["model"]["arch"]
-
-    @property
-    def width(self) -> int:
-        return int(self.config["model"]["width"])
-
-    @property
-    def task(self) -> str:
-        return self.config.get("task", "pretrain")
-
-    @property
-    def fold(self) -> int | None:
-        """The fold whose train split the checkpoint was fine-tuned on (None: pretraining)."""
-        fold = self.config.get("finetune", {}).get("fold") if self.task == "finetune" else None
-        return int(fold) if fold is not None else None
-
-    @property
-    def num_params(self) -> int:
-        return sum(int(np.prod(v.shape)) for v in self.params.values())
-
-    def describe(self) -> str:
-        return (f"{self.arch} width {self.width} backbone ({self.num_params:,} parameters, "
-                f"{len(self.batch_stats)} BatchNorm statistics) from the {self.task} checkpoint "
-                f"{self.path} (step {self.step})")
 
 
 def find_own_steps(workdir: str | Path, name: str = CHECKPOINTS_DIR) -> list[int]:
@@ -547,195 +495,14 @@ def find_own_steps(workdir: str | Path, name: str = CHECKPOINTS_DIR) -> list[int
         return []
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, int]:
-    """(step folder, step) for a workdir, its `checkpoints/` folder or one step folder.
-
-    In a folder of steps: the best-validation-loss step (`best.json`) when it is on disk, else the
-    latest. Raises `CheckpointError` naming the path and what was found instead.
-    """
-    path = Path(path).expanduser().absolute()
-    if not path.exists():
-        raise CheckpointError(f"init_from: {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"init_from: {path} is a file; give a workdir, its "
-                              f"{CHECKPOINTS_DIR}/ folder or one of its step folders")
-    if (path / "state").is_dir() and path.name.isdigit():
-        return path, int(path.name)
-    directory = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
-    steps = sorted(int(p.name) for p in directory.iterdir()
-                   if p.name.isdigit() and (p / "state").is_dir())
-    if not steps:
-        children = sorted(p.name for p in path.iterdir())[:10]
-        nested = sorted(str(p.parent.parent.relative_to(path))
-                        for p in path.glob(f"*/{CHECKPOINTS_DIR}/*/state"))
-        hint = (f"; did you mean one of its stages: {', '.join(dict.fromkeys(nested))}?"
-                if nested else f" (it holds: {', '.join(children) or 'nothing'})")
-        raise CheckpointError(f"init_from: no checkpoint in {directory}{hint}")
-    best = _read_best(directory)
-    step = int(best["step"]) if best is not None and int(best["step"]) in steps else steps[-1]
-    return directory / str(step), step
-
-
 def read_config(step_dir: Path, *, what: str = "init_from") -> dict[str, Any]:
     """The config stored with a checkpoint step; `what` starts the error message."""
     try:
         config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "config")
     except Exception as e:  # noqa: BLE001 - any unreadable config is the same user error
         raise CheckpointError(
-            f"{what}: cannot read the config stored in {step_dir}: {_short_reason(e)}") from None
+            f"{what}: cannot read the config stored in {step_dir}: {short_reason(e)}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{what}: the config stored in {step_dir} is not a config")
     return config
 
-
-def flatten(tree: Mapping[Any, Any]) -> dict[str, np.ndarray]:
-    """A nested dict of arrays as `{'a/b/c': array}` (int keys of NNX lists become '0', '1')."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(dict(tree))
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v)
-            for path, v in flat}
-
-
-def load_backbone(path: str | Path) -> BackboneCheckpoint:
-    """The backbone parameters and BatchNorm statistics of the checkpoint at `path`.
-
-    `path`: a workdir, its `checkpoints/` folder or one step folder (see `find_checkpoint`).
-    Restores nothing else (no head, no optimizer state): an Orbax partial restore.
-    """
-    step_dir, step = find_checkpoint(path)
-    config = read_config(step_dir)
-    if "model" not in config or "arch" not in config["model"]:
-        raise CheckpointError(f"init_from: the config in {step_dir} names no model.arch")
-    checkpointer = ocp.PyTreeCheckpointer()
-
-    def damaged(reason: str) -> CheckpointError:
-        return CheckpointError(f"init_from: the checkpoint {step_dir} is damaged ({reason}); "
-                               f"point init_from at another step folder of {step_dir.parent}"
-                               + _other_steps(step_dir))
-
-    try:
-        metadata = checkpointer.metadata(step_dir / "state").item_metadata.tree
-    except Exception:  # noqa: BLE001 - None (no metadata file) or an unreadable one
-        raise damaged("its state's metadata cannot be read") from None
-    missing = [k for k in ("params", "batch_stats")
-               if BACKBONE not in (metadata.get(k) or {})]
-    if missing:
-        raise CheckpointError(
-            f"init_from: the checkpoint {step_dir} has no backbone ({' and '.join(missing)} "
-            f"lack a '{BACKBONE}' subtree; it holds {sorted(metadata.get('params') or {})})"
-        )
-    target = {k: {BACKBONE: metadata[k][BACKBONE]} for k in ("params", "batch_stats")}
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), target)
-    try:
-        restored = checkpointer.restore(
-            step_dir / "state",
-            args=ocp.args.PyTreeRestore(
-                item=abstract,
-                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                          abstract),
-                partial_restore=True,
-            ),
-        )
-    except Exception as e:  # noqa: BLE001 - unreadable arrays
-        raise damaged(_short_reason(e)) from None
-    check_finite_backbone(restored, f"the checkpoint {step_dir}")
-    return BackboneCheckpoint(
-        params=_without_variable_keys(flatten(restored["params"][BACKBONE])),
-        batch_stats=_without_variable_keys(flatten(restored["batch_stats"][BACKBONE])),
-        config=config,
-        path=step_dir,
-        step=step,
-        dropped=tuple(sorted(str(k) for k in metadata["params"] if k != BACKBONE)),
-    )
-
-
-def _other_steps(step_dir: Path) -> str:
-    others = [s for s in find_own_steps(step_dir.parent.parent, step_dir.parent.name)
-              if str(s) != step_dir.name]
-    return f" (there: {', '.join(map(str, others))})" if others else ""
-
-
-def check_finite_backbone(tree: Any, where: str, *, prefix: str = "init_from",
-                          hint: str = "it comes from a diverged run; pick an earlier "
-                                      "checkpoint") -> None:
-    """Refuses a backbone with NaN or infinite values (a diverged run's, or a bad conversion):
-    every stage built on it would report numbers without meaning."""
-    flat = flatten(tree)
-    bad = {k: v for k, v in flat.items()
-           if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all()}
-    if bad:
-        count = sum(int((~np.isfinite(v)).sum()) for v in bad.values())
-        total = sum(int(v.size) for v in flat.values())
-        raise NonFiniteError(
-            f"{prefix}: the backbone in {where} holds non-finite values ({count:,} of "
-            f"{total:,}, in {_some(sorted(bad))}): {hint}")
-
-
-def _without_variable_keys(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """'conv1/kernel/value' -> 'conv1/kernel': a saved `nnx.State` stores each Variable's array
-    under a 'value' key; a pure dict (`save_backbone`, the converter) does not."""
-    return {k.removesuffix("/value"): v for k, v in flat.items()}
-
-
-def save_backbone(
-    workdir: str | Path,
-    *,
-    params: Mapping[str, Any],
-    batch_stats: Mapping[str, Any],
-    config: ml_collections.ConfigDict | Mapping[str, Any],
-    step: int = 0,
-) -> Path:
-    """Writes a checkpoint holding only a backbone, which `init_from=workdir` accepts.
-
-    `params` / `batch_stats`: the backbone's nested dicts, as
-    `nnx.state(backbone, nnx.Param).to_pure_dict()` gives them. `config` must name
-    `model.arch` and `model.width`. Returns the step folder.
-    """
-    if isinstance(config, ml_collections.ConfigDict):
-        config = config_to_dict(config)
-    directory = Path(workdir).expanduser().absolute() / CHECKPOINTS_DIR
-    with _storage_errors(f"cannot write the checkpoint in {directory}"), ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()},
-    ) as manager:
-        state = {"params": {BACKBONE: dict(params)}, "batch_stats": {BACKBONE: dict(batch_stats)}}
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
-            config=ocp.args.JsonSave(dict(config)),
-        ))
-        manager.wait_until_finished()
-    return directory / str(step)
-
-
-def assign_backbone(
-    target: Mapping[str, Any], loaded: Mapping[str, np.ndarray], *, what: str, source: Path
-) -> dict[str, Any]:
-    """`target` (a backbone's nested pure dict) with every leaf replaced by `loaded`'s value.
-
-    Every key must be present on both sides with the same shape; an error names the key.
-    """
-    flat_target = flatten(target)
-    missing = sorted(set(flat_target) - set(loaded))
-    unexpected = sorted(set(loaded) - set(flat_target))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"init_from: the {what} in {source} do not fit this backbone: "
-            + "; ".join(filter(None, [
-                f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
-                f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-                if unexpected else "",
-            ]))
-        )
-    for key, value in flat_target.items():
-        if value.shape != loaded[key].shape:
-            raise CheckpointError(
-                f"init_from: {what} {key!r} in {source} has shape {loaded[key].shape}, this "
-                f"backbone expects {value.shape}"
-            )
-
-    def replace(path: tuple[Any, ...], leaf: Any) -> Any:
-        key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        return loaded[key].astype(np.asarray(leaf).dtype)
-
-    return jax.tree_util.tree_map_with_path(replace, dict(target))

@@ -6,9 +6,15 @@ reads a `torch.save` file of [U] `BestJuly/VCP` or [V] `xudejing/video-clip-orde
 a bare backbone (`C3D`, `R3DNet`, `R2Plus1DNet`), a backbone with its classifier (`linear.*`),
 or the VCP / VCOP wrapper (`base_network.*` plus the head `fc.*`, or `fc7.*` and `fc8.*`); the
 state dict may be wrapped in `{'state_dict': ...}` and its keys prefixed by `module.`
-(`nn.DataParallel`). The output is a backbone checkpoint (`checkpointing.save_backbone`) that
-fine-tuning, retrieval and the probe take as `init_from=DIR`; heads are dropped (listed on the
-console), `num_batches_tracked` is ignored. The width is read from the checkpoint.
+(`nn.DataParallel`). The output is a checkpoint that fine-tuning, retrieval and the probe take
+as `init_from=DIR` (they read its backbone). A VCP or VCOP wrapper's head is imported with it,
+as the `head` subtree of `models.VCPModel` (`head/fc`) or `vcop.VCOPModel` (`head/fc7`,
+`head/fc8`), so a VCOP model trained by [V] continues pretraining or is evaluated in vcp-jax
+(`load_head`); other heads (the classifier's `linear`, `VCOPN_RNN`'s `lstm` / `gru` and its
+`fc`) are dropped and listed on the console. `num_batches_tracked` is ignored. The width is
+read from the checkpoint. `--modality res` records that the model was trained on residual
+frames ([U]'s `--modality res` / `VCOPN(res=True)`), so every stage feeds it the same input
+(`vcp_jax.modality`); the default is RGB.
 
 Layouts: conv weights OIDHW -> DHWIO (`nnx.Conv`'s kernel), BatchNorm `weight`, `bias`,
 `running_mean`, `running_var` -> `scale`, `bias`, `mean`, `var`. The key table is derived from
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,14 +39,21 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import checkpointing, models
+from vcp_jax import modality as modality_lib
 from vcp_jax.config_utils import UserError
 
-# Top-level modules of the reference heads, which are dropped: [U]'s VCPN, [V]'s VCOPN (and its
-# RNN variant), and the classifier inside the backbone classes (`with_classifier=True`).
+# Top-level modules of the reference heads: [U]'s VCPN (`fc`), [V]'s VCOPN (`fc7`, `fc8`; both
+# imported) and VCOPN_RNN (`lstm` / `gru` and `fc`: dropped), and the classifier inside the
+# backbone classes (`with_classifier=True`: dropped).
 WRAPPER_HEADS = ("fc", "fc7", "fc8", "lstm", "gru")
+VCOP_HEAD = ("fc7", "fc8")
+VCP_HEAD = ("fc",)
+HEAD = "head"  # the head's subtree in `VCPModel` and `VCOPModel`
 CLASSIFIER_HEADS = ("linear",)
 WRAPPER_PREFIX = "base_network."
 DATA_PARALLEL_PREFIX = "module."
@@ -131,8 +145,22 @@ class Converted:
     width: int
     params: dict[str, Any]
     batch_stats: dict[str, Any]
-    dropped: tuple[str, ...]  # head keys, as named in the checkpoint
+    dropped: tuple[str, ...]  # head keys not imported, as named in the checkpoint
     wrapper: bool  # the checkpoint was a VCP / VCOP model (`base_network.` keys)
+    # The imported head: 'vcop' ({'fc7': {'kernel', 'bias'}, 'fc8': ...}, `vcop.VCOPHead`) or
+    # 'vcp' ({'fc': ...}, `models.VCPHead`), kernels (in, out); None without one.
+    pretext: str | None = None
+    head: dict[str, Any] | None = None
+    num_clips: int | None = None  # clips per tuple the head reads (from its shapes)
+    num_classes: int | None = None  # the head's output width
+
+    def model_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(params, batch_stats) of the whole `VCPModel` / `VCOPModel` as nested pure dicts
+        (`nnx.state(model, nnx.Param).to_pure_dict()`'s layout): backbone plus head."""
+        params = {backbone_lib.BACKBONE: self.params}
+        if self.head is not None:
+            params[HEAD] = self.head
+        return params, {backbone_lib.BACKBONE: self.batch_stats}
 
 
 def _strip_data_parallel(key: str) -> str:
@@ -162,12 +190,16 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any], *, source: str 
         raise ConversionError(f"unknown arch {arch!r}; expected one of {models.ARCHS}")
     wrapper = any(_strip_data_parallel(k).startswith(WRAPPER_PREFIX) for k in state_dict)
     backbone: dict[str, str] = {}  # backbone key ('conv1.weight') -> the file's key
+    heads: dict[str, str] = {}  # head key ('fc7.weight') -> the file's key
     dropped, unknown = [], []
     for original in state_dict:
         key = _strip_data_parallel(original)
         if wrapper:
             if not key.startswith(WRAPPER_PREFIX):
-                (dropped if key.split(".")[0] in WRAPPER_HEADS else unknown).append(original)
+                if key.split(".")[0] in WRAPPER_HEADS:
+                    heads[key] = original
+                else:
+                    unknown.append(original)
                 continue
             key = _strip_data_parallel(key[len(WRAPPER_PREFIX):])
         if key.split(".")[0] in CLASSIFIER_HEADS:
@@ -206,17 +238,68 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any], *, source: str 
                 f"of width {width} expects {entry.torch_shape}"
             )
         flat[entry.collection][entry.path] = to_jax_layout(value).astype(np.float32)
+    head = _convert_head(heads, state_dict, num_features=8 * width, source=source)
+    if head is None:
+        dropped += heads.values()
     return Converted(
         arch=arch,
         width=width,
-        params=_nest(flat["params"]),
-        batch_stats=_nest(flat["batch_stats"]),
+        params=nest(flat["params"]),
+        batch_stats=nest(flat["batch_stats"]),
         dropped=tuple(sorted(dropped)),
         wrapper=wrapper,
+        **(head or {}),
     )
 
 
-def _nest(flat: Mapping[str, np.ndarray]) -> dict[Any, Any]:
+def _convert_head(heads: Mapping[str, str], state_dict: Mapping[str, Any], *, num_features: int,
+                  source: str) -> dict[str, Any] | None:
+    """The VCOP (`fc7`, `fc8`) or VCP (`fc`) head in vcp-jax's layout, with the tuple length
+    and class count its shapes imply; None for any other head (dropped)."""
+    modules = {k.split(".")[0] for k in heads}
+    if modules == set(VCOP_HEAD):
+        pretext = "vcop"
+    elif modules == set(VCP_HEAD):
+        pretext = "vcp"
+    else:
+        return None
+    expected = {f"{m}.{leaf}" for m in modules for leaf in ("weight", "bias")}
+    if set(heads) != expected:
+        raise ConversionError(
+            f"{source}: the {pretext.upper()} head needs the keys {_list(list(expected))}; it "
+            f"has {_list(list(heads))}")
+    values = {k: _to_numpy(state_dict[heads[k]]) for k in expected}
+    for name in modules:
+        w, b = values[f"{name}.weight"], values[f"{name}.bias"]
+        if w.ndim != 2 or b.shape != (w.shape[0],):
+            raise ConversionError(
+                f"{source}: {heads[name + '.weight']!r} {tuple(w.shape)} and "
+                f"{heads[name + '.bias']!r} {tuple(b.shape)} are not a linear layer's")
+    head = {name: {"kernel": values[f"{name}.weight"].T.astype(np.float32).copy(),
+                   "bias": values[f"{name}.bias"].astype(np.float32).copy()} for name in modules}
+    if pretext == "vcp":
+        classes, inputs = values["fc.weight"].shape
+        num_clips, rest = divmod(inputs, num_features)
+        if rest or num_clips < 1:
+            raise ConversionError(
+                f"{source}: {heads['fc.weight']!r} reads {inputs} features, not a multiple of "
+                f"the backbone's {num_features}")
+        return {"pretext": pretext, "head": head, "num_clips": num_clips, "num_classes": classes}
+    hidden, pair_inputs = values["fc7.weight"].shape
+    classes, inputs = values["fc8.weight"].shape
+    if pair_inputs != 2 * num_features:
+        raise ConversionError(
+            f"{source}: {heads['fc7.weight']!r} reads {pair_inputs} features; a pair of the "
+            f"backbone's clip features is {2 * num_features}")
+    num_clips = next((n for n in range(2, 8) if math.factorial(n) == classes), None)
+    if num_clips is None or inputs != hidden * num_clips * (num_clips - 1) // 2:
+        raise ConversionError(
+            f"{source}: {heads['fc8.weight']!r} has shape {(classes, inputs)}; a VCOP head over "
+            f"n clips has n! outputs and {hidden} x n(n-1)/2 inputs")
+    return {"pretext": pretext, "head": head, "num_clips": num_clips, "num_classes": classes}
+
+
+def nest(flat: Mapping[str, np.ndarray]) -> dict[Any, Any]:
     """`{'layers/0/1/bn1/mean': x}` -> `{'layers': {0: {1: {'bn1': {'mean': x}}}}}`.
 
     Digit keys become ints, as in `nnx.state(...).to_pure_dict()` of an `nnx.List`.
@@ -268,25 +351,89 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     return dict(obj)
 
 
-def convert(arch: str, checkpoint: str | Path, out: str | Path) -> tuple[Converted, Path]:
-    """Converts the file `checkpoint` and writes the backbone checkpoint into the folder `out`.
+def convert(arch: str, checkpoint: str | Path, out: str | Path, *, modality: str = "rgb"
+            ) -> tuple[Converted, Path]:
+    """Converts the file `checkpoint` and writes the checkpoint (backbone, and a VCP / VCOP head
+    if it has one) into the folder `out`. `modality`: what the model was trained on, 'rgb' or
+    'res' (recorded with the head's residual formula, `modality.default_formula`).
 
     Returns the conversion and the step folder written.
     """
+    if modality not in modality_lib.MODALITIES:
+        raise ConversionError(f"--modality {modality!r}: choose one of {modality_lib.MODALITIES}")
     converted = convert_state_dict(arch, load_state_dict(checkpoint), source=str(checkpoint))
+    params, batch_stats = converted.model_state()
     # A NaN weight (a diverged PyTorch run) would make every stage built on it meaningless.
-    checkpointing.check_finite_backbone(
-        {"params": converted.params, "batch_stats": converted.batch_stats}, str(checkpoint),
+    backbone_lib.check_finite_backbone(
+        {"params": params, "batch_stats": batch_stats}, str(checkpoint),
         prefix="--checkpoint", hint="the PyTorch run that saved it diverged; convert an "
                                     "earlier checkpoint")
-    step_dir = checkpointing.save_backbone(
-        out,
-        params=converted.params,
-        batch_stats=converted.batch_stats,
-        config={"model": {"arch": arch, "width": converted.width}, "task": "convert_torch",
-                "source": str(Path(checkpoint).expanduser().absolute())},
-    )
-    return converted, step_dir
+    input_modality = modality_lib.InputModality(
+        modality, modality_lib.default_formula(converted.pretext or "vcp"))
+    config: dict[str, Any] = {
+        "model": {"arch": arch, "width": converted.width, **input_modality.to_config()},
+        "task": "convert_torch", "source": str(Path(checkpoint).expanduser().absolute())}
+    if converted.head is not None:
+        config["pretext"] = converted.pretext
+        config["head"] = {"num_clips": converted.num_clips, "num_classes": converted.num_classes}
+    return converted, save_checkpoint(out, params=params, batch_stats=batch_stats, config=config)
+
+
+def save_checkpoint(out: str | Path, *, params: Mapping[str, Any],
+                    batch_stats: Mapping[str, Any], config: Mapping[str, Any]) -> Path:
+    """`backbone.save_backbone`, with the model's other parameter subtrees (a head) saved beside
+    the backbone: `params` / `batch_stats` are the whole model's nested pure dicts. Stages that
+    start from it read the backbone alone (`load_backbone`, a partial restore), `load_head`
+    the head. Returns the step folder."""
+    if HEAD not in params:
+        return backbone_lib.save_backbone(
+            out, params=params[backbone_lib.BACKBONE],
+            batch_stats=batch_stats[backbone_lib.BACKBONE], config=config)
+    directory = Path(out).expanduser().absolute() / checkpointing.CHECKPOINTS_DIR
+    write_errors = checkpointing.storage_errors(f"cannot write the checkpoint in {directory}")
+    with write_errors, ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
+    ) as manager:
+        state = {"params": dict(params), "batch_stats": dict(batch_stats)}
+        manager.save(0, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
+            config=ocp.args.JsonSave(dict(config)),
+        ))
+        manager.wait_until_finished()
+    return directory / "0"
+
+
+def load_head(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The head a checkpoint holds beside its backbone, and the checkpoint's config.
+
+    `path` as `init_from` takes it (a workdir, its `checkpoints/` folder or a step folder).
+    Returns (`{'fc7': {'kernel': (in, out), 'bias': (out,)}, 'fc8': ...}` for VCOP, or
+    `{'fc': ...}` for VCP, the stored config); the config's `pretext` and `head` say which and
+    for how many clips. Raises `ConversionError` when the checkpoint has no head.
+    """
+    step_dir, _ = backbone_lib.find_checkpoint(path)
+    config = checkpointing.read_config(step_dir)
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        metadata = checkpointer.metadata(step_dir / "state").item_metadata.tree
+    except Exception as e:  # noqa: BLE001 - no or unreadable metadata: a damaged checkpoint
+        raise ConversionError(f"cannot read the checkpoint {step_dir}: {e}") from None
+    if HEAD not in (metadata.get("params") or {}):
+        raise ConversionError(
+            f"the checkpoint {step_dir} holds no head (its parameters: "
+            f"{_list([str(k) for k in metadata.get('params') or {}])}); it was converted "
+            "from a bare backbone or saved by a stage that keeps none")
+    target = {"params": {HEAD: metadata["params"][HEAD]}}
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), target)
+    restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+        partial_restore=True))
+    flat = backbone_lib.flatten(restored["params"][HEAD])
+    return nest({k.removesuffix("/value"): v for k, v in flat.items()}), config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,19 +443,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", required=True, choices=models.ARCHS)
     parser.add_argument("--checkpoint", required=True, help="a torch.save file (.pt / .pth)")
     parser.add_argument("--out", required=True, help="the folder to write (init_from=OUT)")
+    parser.add_argument("--modality", default="rgb", choices=modality_lib.MODALITIES,
+                        help="what the model was trained on: RGB clips, or residual frames "
+                             "(the reference's --modality res / VCOPN(res=True))")
     args = parser.parse_args(argv)
     if (Path(args.out).expanduser() / checkpointing.CHECKPOINTS_DIR).exists():
         print(f"error: {args.out} already holds checkpoints; choose a new --out", file=sys.stderr)
         return 2
     try:
-        converted, step_dir = convert(args.arch, args.checkpoint, args.out)
+        converted, step_dir = convert(args.arch, args.checkpoint, args.out,
+                                      modality=args.modality)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(converted.params))
     kind = "VCP/VCOP model" if converted.wrapper else "backbone"
     print(f"converted the {kind} in {args.checkpoint}: {args.arch} width {converted.width}, "
-          f"{n:,} parameters")
+          f"{n:,} parameters, {args.modality} input")
+    if converted.head is not None:
+        keys = ", ".join(f"{m}.{leaf}" for m in sorted(converted.head) for leaf in ("bias",
+                                                                                   "weight"))
+        print(f"imported the {converted.pretext.upper()} head ({keys}: "
+              f"{converted.num_clips} clips, {converted.num_classes} classes) as head/")
     if converted.dropped:
         print(f"dropped (heads): {', '.join(converted.dropped)}")
     print(f"wrote {step_dir}; use it with init_from={Path(args.out).expanduser().absolute()}")

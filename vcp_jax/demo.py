@@ -39,9 +39,6 @@ from vcp_jax import config_utils, reporting, stats
 
 STAGES = ("pretrain", "finetune_vcp", "finetune_random", "linear_vcp", "linear_random",
           "retrieval_vcp", "retrieval_random", "probe_vcp", "probe_random")
-# A stage name's prefix -> the module that runs it (`vcp_jax.<module>.run`), where they differ:
-# linear evaluation is fine-tuning with `finetune.freeze_backbone`.
-MODULES = {"linear": "finetune"}
 RESULT_FILES = {"pretrain": "metrics.json", "finetune": "metrics.json",
                 "linear": "metrics.json", "retrieval": "retrieval.json", "probe": "metrics.json"}
 REPORT = "report.md"
@@ -94,10 +91,13 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: Path) -> dict[str,
     return stages
 
 
-def _runner(task: str) -> Callable[[ml_collections.ConfigDict, Path], dict[str, Any]]:
-    import importlib  # noqa: PLC0415 - each stage's module only when it runs
+def runners() -> dict[str, Callable[[ml_collections.ConfigDict, Path], dict[str, Any]]]:
+    """Who runs what: the function each stage name's prefix calls (linear evaluation is
+    fine-tuning with `finetune.freeze_backbone`). Imported when the stages run."""
+    from vcp_jax import finetune, pretrain, probe, retrieval  # noqa: PLC0415
 
-    return importlib.import_module(f"vcp_jax.{MODULES.get(task, task)}").run
+    return {"pretrain": pretrain.run, "finetune": finetune.run, "linear": finetune.run,
+            "retrieval": retrieval.run, "probe": probe.run}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -166,7 +166,7 @@ def _stage(stages: dict[str, Any], name: str, workdir: Path,
         reporting.write_json(stage_dir / STAGE_RECORD,
                              {"stage": name, "run_id": uuid.uuid4().hex, **wanted})
     try:
-        return _runner(task)(stages[name], stage_dir), True
+        return runners()[task](stages[name], stage_dir), True
     except config_utils.UserError as e:
         raise config_utils.UserError(f"demo stage {name}: {e}") from e
 

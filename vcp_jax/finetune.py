@@ -26,15 +26,14 @@ import optax
 import tqdm
 from flax import nnx
 
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import (
     bn_calibration,
-    checkpointing,
     config_utils,
     datasets,
     input_pipeline,
     models,
     parallel,
-    provenance,
     reporting,
     trainer,
 )
@@ -76,13 +75,13 @@ def create_train_state(
 ) -> tuple[trainer.TrainState, trainer.StepContext]:
     """Backbone + a new Dense head (PyTorch-style init from `config.seed`) and the step context."""
     rngs = nnx.Rngs(params=config.seed)
-    dtype = trainer.DTYPES[config.model.dtype]
+    dtype = models.DTYPES[config.model.dtype]
     backbone = models.create_backbone(
         config.model.arch, rngs=rngs, width=config.model.width, dtype=dtype,
         bn_axis_name=bn_axis_name, conv_impl=config.model.conv_impl,
     )
     model = models.Classifier(backbone, num_classes, rngs=rngs, dtype=dtype)
-    frozen = (trainer.path_has(checkpointing.BACKBONE) if config.finetune.freeze_backbone
+    frozen = (trainer.path_has(backbone_lib.BACKBONE) if config.finetune.freeze_backbone
               else None)
     return trainer.create_train_state(model, config, frozen=frozen, axis_name=bn_axis_name,
                                       task=Task(num_classes))
@@ -93,38 +92,28 @@ def create_train_state(
 # --------------------------------------------------------------------------------------------
 
 
-def to_input(frames: jax.Array) -> jax.Array:
-    return frames.astype(jnp.float32) / 255.0
-
-
-def calibration_forward(model: nnx.Module, batch: dict[str, jax.Array], index: jax.Array
-                        ) -> jax.Array:
+def calibration_forward(
+    model: nnx.Module, batch: dict[str, jax.Array], index: jax.Array, *,
+    ctx: trainer.StepContext | None = None, rng: jax.Array | None = None,
+) -> jax.Array:
     """The backbone on a batch of training clips, for `bn_calibration` (linear evaluation)."""
-    del index  # the clips are the batch's own; nothing is drawn on the device
-    return model.backbone(to_input(batch["clip"]))
+    del index, ctx, rng  # the clips are the batch's own; nothing is drawn on the device
+    return model.backbone(models.to_input(batch["clip"]))
 
 
 def train_step(
     state: trainer.TrainState, batch: dict[str, jax.Array], ctx: trainer.StepContext
 ) -> tuple[trainer.TrainState, dict[str, jax.Array]]:
     """One SGD step on a batch of clips `(B, T, H, W, C)` with their action labels."""
-    inputs, labels = to_input(batch["clip"]), batch["label"]
-
-    def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
-        logits = model(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-    state, loss, logits, grad_norm = trainer.update_with_norm(state, ctx, loss_fn)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
-    return state, trainer.reduce_metrics(metrics, ctx)
+    return trainer.classification_update(state, ctx, models.to_input(batch["clip"]),
+                                         batch["label"])
 
 
 def eval_step(
     state: trainer.TrainState, batch: dict[str, jax.Array], ctx: trainer.StepContext
 ) -> dict[str, jax.Array]:
     """Validation sums over the valid clips of a batch: loss, correct, count."""
-    logits = trainer.eval_model(state, ctx)(to_input(batch["clip"]))
+    logits = trainer.eval_model(state, ctx)(models.to_input(batch["clip"]))
     valid = batch["valid"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -139,7 +128,7 @@ def test_step(
     """Per video: the mean of its K clips' logits `(B, C)` and how many clips were right `(B,)`."""
     clips = batch["clips"]  # (B, K, T, H, W, C)
     b, k = clips.shape[:2]
-    logits = trainer.eval_model(state, ctx)(to_input(clips.reshape(b * k, *clips.shape[2:])))
+    logits = trainer.eval_model(state, ctx)(models.to_input(clips.reshape(b * k, *clips.shape[2:])))
     logits = logits.reshape(b, k, -1)
     clip_correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"][:, None], axis=1)
     return {"logits": jnp.mean(logits, axis=1), "clip_correct": clip_correct,
@@ -368,10 +357,12 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
         if result.get("task") == "finetune" and result.get("fold") == fold:
             reporting.console(f"fold {fold}: already done ({done})")
             return result
-    source = trainer.resolve_init(config, workdir)
+    source = backbone_lib.resolve_init(config, workdir)
     validate_config(config)
     if source is not None:
-        trainer.check_fold(source, config.data)
+        backbone_lib.check_fold(
+            source, dataset=config.data.name, fold=fold,
+            builder_config_of=functools.partial(datasets.with_fold, config.data))
     datasets.prepare(config.data)
     data = finetune_data(config, process_index=jax.process_index(),
                          process_count=jax.process_count())
@@ -387,53 +378,26 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
         f"{len(data.class_names)} classes; {config.num_train_steps} steps, "
         f"{trainer.describe_learning_rate(config)}")
 
-    strategy = parallel.make_strategy(config.parallel)
-    state, ctx = create_train_state(config, len(data.class_names),
-                                    bn_axis_name=strategy.axis_name)
-    checkpoints = checkpointing.RunCheckpoints(workdir / checkpointing.CHECKPOINTS_DIR, config)
-    resumed = checkpoints.latest_step() is not None
-    state, start_step, started = trainer.init_state(state, checkpoints, source)
-    reporting.console(started)
-    bn_statistics = None
-    if config.finetune.freeze_backbone:
-        # Linear evaluation normalises with the frozen backbone's running statistics:
-        # re-estimated on the training clips for a random backbone (config.bn_recalibration)
-        # before the head trains; a resumed run keeps its checkpoint's. Fine-tuning trains
-        # them and is left as it is.
-        stats, bn_statistics = bn_calibration.recalibrate(
-            config, nnx.merge(ctx.eval_graphdef, state.params, state.batch_stats), data.train,
-            calibration_forward, strategy, clips_per_batch=config.batch_size,
-            origin="resumed" if resumed else "random" if source is None else "init_from")
-        if stats is not None:
-            state = state.replace(batch_stats=stats)
-    provenance.write(workdir, config, data=data.provenance, init_from=source)
-
-    train_fn = strategy.compile(functools.partial(train_step, ctx=ctx), donate_state=True)
-    eval_fn = strategy.compile(functools.partial(eval_step, ctx=ctx), donate_state=False)
-    writer = reporting.metric_writer(workdir)
-    result = trainer.train_loop(
-        config=config,
-        state=strategy.put_state(state),
-        train_fn=train_fn,
-        train_iter=input_pipeline.make_iterator(data.train, config, start=start_step),
-        evaluate=lambda s: evaluate(s, data.val, eval_fn, strategy, config),
-        strategy=strategy,
-        checkpoints=checkpoints,
-        start_step=start_step,
-        writer=writer,
-        desc=f"{mode} fold {fold}",
-        eval_line=trainer.eval_line,
-    )
+    frozen = config.finetune.freeze_backbone
+    run = trainer.run_stage(
+        config, workdir, source=source,
+        create_state=lambda axis: create_train_state(config, len(data.class_names),
+                                                     bn_axis_name=axis),
+        train=data.train, train_step=train_step, eval_step=eval_step,
+        evaluate=lambda s, fn, strategy: evaluate(s, data.val, fn, strategy, config),
+        provenance_data=data.provenance, desc=f"{mode} fold {fold}",
+        # Linear evaluation normalises with the frozen backbone's running statistics,
+        # re-estimated on the training clips for a random backbone (config.bn_recalibration);
+        # fine-tuning trains them and is left as it is.
+        calibration_forward=calibration_forward if frozen else None,
+        clips_per_batch=config.batch_size)
     # The lowest-validation-loss checkpoint; without held-out videos (data.num_val_videos=0)
     # nothing ranks the checkpoints and the last step is tested.
-    best_step = result.best_step or config.num_train_steps
+    result, state, strategy, best_step = run.loop, run.state, run.strategy, run.chosen_step
     chosen_by = ("lowest validation loss" if result.best_step is not None
                  else "last step (no validation videos)" if data.num_val_videos == 0
                  else "last step")
-    state = result.state
-    if best_step != config.num_train_steps:
-        state = strategy.put_state(
-            checkpoints.restore_state(strategy.get_state(result.state), best_step))
+    ctx, bn_statistics = run.ctx, run.bn_statistics
     test_fn = strategy.compile(functools.partial(test_step, ctx=ctx), donate_state=False)
     test = test_videos(state, data, test_fn, strategy, config)
     # The same multi-clip test on the videos it trained on: a train accuracy far above the test
@@ -444,7 +408,6 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
                                              "num_test_videos", "num_clips") if k in train_eval}
     train_eval["num_videos"] = train_eval.pop("num_test_videos", 0)
     test["train_video_top1"] = train_eval.get("video_top1")
-    checkpoints.close()
     label = (f"{config.data.name} fold {fold}, {test['num_test_videos']} test videos, "
              f"{test.get('num_clips')} clips each, mean of clip logits; step {best_step}")
     final = {
@@ -491,7 +454,7 @@ def evaluate(state: Any, batches: Any, eval_fn: Any, strategy: parallel.Strategy
              config: ml_collections.ConfigDict) -> dict[str, float]:
     """Validation loss and clip accuracy on the held-out train videos."""
     iterator = input_pipeline.make_iterator(batches, config, prefetch_processes=False)
-    sums = trainer.accumulate(state, iterator, eval_fn, strategy)
+    sums = parallel.accumulate(state, iterator, eval_fn, strategy)
     if sums is None:
         return {}
     count = max(float(sums["count"]), 1.0)
@@ -511,5 +474,5 @@ def test_videos(state: Any, data: FinetuneData, test_fn: Any, strategy: parallel
     iterator = input_pipeline.make_iterator(batches, config, prefetch_processes=False)
     bar = tqdm.tqdm(iterator, total=len(batches), desc=desc, unit="batch",
                     disable=not reporting.is_main_process(), leave=False, dynamic_ncols=True)
-    outputs = trainer.gather(state, bar, test_fn, strategy)
+    outputs = parallel.gather(state, bar, test_fn, strategy)
     return summarize_test(outputs, data.class_names, config.finetune.num_test_clips)

@@ -32,10 +32,19 @@ import numpy as np
 import simplejpeg
 
 from vcp_jax import cloze as cloze_lib
+from vcp_jax import config_utils
 from vcp_jax.config_utils import UserError
 
 Batch = dict[str, np.ndarray]
 Sampler = Callable[[int, np.random.Generator], Batch]
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """How every stage reads its clips: `data.crop_size` > 0, `data.num_threads` and
+    `data.num_workers` >= 0; a `ConfigError` names the key."""
+    config_utils.check_positive(config, "data.crop_size")
+    for key in ("data.num_threads", "data.num_workers"):
+        config_utils.check_positive(config, key, allow_zero=True)
 
 
 # --------------------------------------------------------------------------------------------

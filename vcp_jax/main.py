@@ -22,10 +22,10 @@ saving a checkpoint.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +59,23 @@ TASKS = ("pretrain", "finetune", "retrieval", "probe", "demo")
 LOG_FILE = "log.txt"
 
 
+def stages() -> dict[str, Callable[[Any, Path], dict[str, Any]]]:
+    """Who runs what: the function each `config.task` (one of `TASKS`) calls.
+
+    Imported when a run starts, not with this module: after `--distributed` has initialised
+    JAX, and without the stages' libraries for `--help` and config errors.
+    """
+    from vcp_jax import demo, finetune, pretrain, probe, retrieval  # noqa: PLC0415
+
+    return {"pretrain": pretrain.run, "finetune": finetune.run, "retrieval": retrieval.run,
+            "probe": probe.run, "demo": demo.run}
+
+
 def run_task(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Runs `config.task` in `workdir`; importable from notebooks (no flags involved)."""
     config_utils.migrate_deprecated_keys(config)
     task = config_utils.check_choice(config, "task", TASKS)
-    module = importlib.import_module(f"vcp_jax.{task}")
-    return module.run(config, workdir)
+    return stages()[task](config, workdir)
 
 
 class _QuietFileHandler(logging.FileHandler):

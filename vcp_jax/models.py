@@ -36,13 +36,33 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vcp_jax import config_utils
 from vcp_jax import conv as conv_lib
 
 ARCHS = ("c3d", "r3d", "r21d")
 BN_STATS = ("per_clip", "pooled")  # VCPModel's BatchNorm statistics: [U]'s, or one pool
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.model.dtype
 
 Dtype = Any
 Triple = tuple[int, int, int]
+
+
+def validate_config(config: Any) -> None:
+    """The model keys every stage reads (`config.model`: arch, width, dtype, conv_impl); a
+    `ConfigError` names the key and what is allowed. Arch and width may still be None before
+    `backbone.resolve_init` fills them in from `init_from`."""
+    if config.model.get("arch") is not None:
+        config_utils.check_choice(config, "model.arch", ARCHS)
+    if config.model.get("width") is not None:
+        config_utils.check_positive(config, "model.width")
+    config_utils.check_choice(config, "model.dtype", DTYPES)
+    config_utils.check_choice(config, "model.conv_impl", conv_lib.CONV_IMPLS)
+
+
+def to_input(frames: jax.Array) -> jax.Array:
+    """uint8 frames to [0, 1] on the device (the host ships 4x fewer bytes than float32): what
+    every backbone is fed, in every stage."""
+    return frames.astype(jnp.float32) / 255.0
 
 # ----------------------------------------------------------------------------- PyTorch-style init
 #
@@ -448,19 +468,24 @@ class ResBlock(nnx.Module):
 
 class _ResNet3D(_Backbone):
     """[V]'s `R3DNet`: conv1 3x7x7 stride (1,2,2) + BN + ReLU (no max-pool), then 4 stages of
-    `layer_sizes` basic blocks, widths `width * (1, 2, 4, 8)`, stages 3-5 downsampling by 2."""
+    `layer_sizes` basic blocks, widths `width * (1, 2, 4, 8)`, stages 3-5 downsampling by 2.
+
+    A subclass names its convolution (`conv`, a `ConvFactory`): R3D and R(2+1)D differ in
+    nothing else."""
+
+    conv: ConvFactory
 
     def __init__(
         self,
-        conv: ConvFactory,
         *,
-        width: int,
-        layer_sizes: Sequence[int],
-        dtype: Dtype,
-        param_dtype: Dtype,
-        bn_axis_name: str | None,
+        width: int = 64,
+        layer_sizes: Sequence[int] = (1, 1, 1, 1),
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        bn_axis_name: str | None = None,
         rngs: nnx.Rngs,
     ):
+        conv = type(self).conv
         if param_dtype != jnp.float32:
             raise ValueError("parameters and BatchNorm stats are always float32")
         if len(layer_sizes) != 4 or min(layer_sizes) < 1:
@@ -498,49 +523,13 @@ class _ResNet3D(_Backbone):
 class R3D(_ResNet3D):
     """R3D ("ResNet-10-3D" at `layer_sizes=(1, 1, 1, 1)`): full 3D convs without bias."""
 
-    def __init__(
-        self,
-        *,
-        width: int = 64,
-        layer_sizes: Sequence[int] = (1, 1, 1, 1),
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        bn_axis_name: str | None = None,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(
-            _full_conv,
-            width=width,
-            layer_sizes=layer_sizes,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            bn_axis_name=bn_axis_name,
-            rngs=rngs,
-        )
+    conv = staticmethod(_full_conv)
 
 
 class R2Plus1D(_ResNet3D):
     """R(2+1)D: R3D's topology with every conv factorised (`SpatioTemporalConv`)."""
 
-    def __init__(
-        self,
-        *,
-        width: int = 64,
-        layer_sizes: Sequence[int] = (1, 1, 1, 1),
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        bn_axis_name: str | None = None,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(
-            SpatioTemporalConv,
-            width=width,
-            layer_sizes=layer_sizes,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            bn_axis_name=bn_axis_name,
-            rngs=rngs,
-        )
+    conv = SpatioTemporalConv
 
 
 _BACKBONES: dict[str, type[_Backbone]] = {"c3d": C3D, "r3d": R3D, "r21d": R2Plus1D}

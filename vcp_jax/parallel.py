@@ -4,12 +4,15 @@ Both strategies expose the same small interface to the training loop: place the 
 place a host's batch, compile a step, and bring the state back for checkpointing. With the same
 global batch they compute the same loss as one device (BatchNorm statistics are global in both:
 the jit strategy sees the whole sharded batch, the pmap strategy averages them over `AXIS_NAME`).
+Evaluations run over batches padded with `valid=False` examples: `accumulate` sums a step's
+outputs (every example counted once on any number of devices and hosts), `gather` collects
+per-example outputs.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -17,8 +20,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vcp_jax import config_utils
+
 AXIS_NAME = "batch"  # the pmap axis; BatchNorm and gradients are averaged over it
 STRATEGIES = ("jit", "pmap")
+
+Batch = Mapping[str, Any]
 
 
 class Strategy(Protocol):
@@ -147,9 +154,58 @@ def prefetch_to_device(
         enqueue(1)
 
 
+def validate_config(config: Any) -> None:
+    """`config.parallel` and a global `config.batch_size` that splits over every device."""
+    config_utils.check_choice(config, "parallel", STRATEGIES)
+    config_utils.check_positive(config, "batch_size")
+    if config.batch_size % jax.device_count():
+        raise config_utils.ConfigError(
+            f"config.batch_size={config.batch_size} must be divisible by the number of devices "
+            f"({jax.device_count()})")
+
+
 def make_strategy(name: str) -> JitStrategy | PmapStrategy:
     if name == "jit":
         return JitStrategy()
     if name == "pmap":
         return PmapStrategy()
     raise ValueError(f"config.parallel={name!r} is not allowed; choose one of {STRATEGIES}")
+
+
+def accumulate(
+    state: Any,
+    batches: Iterator[Batch],
+    eval_fn: Callable[..., Any],
+    strategy: Strategy,
+) -> dict[str, np.ndarray] | None:
+    """Sums of `eval_fn`'s outputs over every batch (None for no batch).
+
+    `eval_fn` returns sums over the valid examples of a global batch (padding masked), so each
+    example counts once on any number of devices and hosts.
+    """
+    totals = None
+    for batch in batches:
+        sums = strategy.fetch(eval_fn(state, strategy.put_batch(batch)))
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    return totals
+
+
+def gather(
+    state: Any,
+    batches: Iterator[Batch],
+    eval_fn: Callable[..., Any],
+    strategy: Strategy,
+) -> dict[str, np.ndarray]:
+    """Per-example outputs of `eval_fn` over every batch, from every host, padding removed.
+
+    `eval_fn` returns arrays with a leading batch axis and must include `valid`; the result holds
+    the valid rows of every global batch, on every host, in global order.
+    """
+    parts: list[dict[str, np.ndarray]] = []
+    for batch in batches:
+        out = strategy.gather(eval_fn(state, strategy.put_batch(batch)))
+        valid = out.pop("valid").astype(bool)
+        parts.append({k: v[valid] for k, v in out.items()})
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -24,16 +24,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import (
     bn_calibration,
-    checkpointing,
     cloze,
     config_utils,
     datasets,
     input_pipeline,
     models,
     parallel,
-    provenance,
     reporting,
     trainer,
 )
@@ -62,7 +61,7 @@ def create_model(
     config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, bn_axis_name: str | None = None
 ) -> models.VCPModel:
     """Backbone + VCP head as the config says."""
-    dtype = trainer.DTYPES[config.model.dtype]
+    dtype = models.DTYPES[config.model.dtype]
     backbone = models.create_backbone(
         config.model.arch, rngs=rngs, width=config.model.width, dtype=dtype,
         bn_axis_name=bn_axis_name, conv_impl=config.model.conv_impl,
@@ -92,7 +91,7 @@ def create_train_state(
     task = Task(config.cloze, cloze.num_classes(config.cloze))
     return trainer.create_train_state(
         model, config, axis_name=bn_axis_name, task=task,
-        frozen=trainer.path_has(checkpointing.BACKBONE) if frozen_backbone else None,
+        frozen=trainer.path_has(backbone_lib.BACKBONE) if frozen_backbone else None,
     )
 
 
@@ -113,27 +112,13 @@ def cloze_per_sample(
     return jax.vmap(one)(keys, batch["clips"], batch["remote"], batch["has_remote"])
 
 
-def to_input(frames: jax.Array) -> jax.Array:
-    """uint8 frames to [0, 1] on the device (the host ships 4x fewer bytes than float32)."""
-    return frames.astype(jnp.float32) / 255.0
-
-
 def train_step(
     state: trainer.TrainState, batch: dict[str, jax.Array], ctx: trainer.StepContext
 ) -> tuple[trainer.TrainState, dict[str, jax.Array]]:
     """One SGD step on a batch of tuples: cloze on device, forward, backward, update."""
     keys = trainer.example_keys(state.rng, state.step, batch["clips"].shape[0], ctx.axis_name)
     tuples, labels = cloze_per_sample(keys, batch, ctx.task.cloze_config)
-    inputs = to_input(tuples)
-
-    def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
-        logits = model(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-    state, loss, logits, grad_norm = trainer.update_with_norm(state, ctx, loss_fn)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
-    return state, trainer.reduce_metrics(metrics, ctx)
+    return trainer.classification_update(state, ctx, models.to_input(tuples), labels)
 
 
 def calibration_forward(
@@ -144,7 +129,7 @@ def calibration_forward(
     `index` (same keys: the probe's own training tuples), for `bn_calibration`."""
     keys = trainer.example_keys(rng, index, batch["clips"].shape[0], ctx.axis_name)
     tuples, _ = cloze_per_sample(keys, batch, ctx.task.cloze_config)
-    inputs = to_input(tuples)
+    inputs = models.to_input(tuples)
     return model.backbone(inputs.reshape(-1, *inputs.shape[2:]))
 
 
@@ -155,7 +140,7 @@ def eval_step(
     base = jax.random.PRNGKey(EVAL_CLOZE_SEED)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(batch["index"])
     tuples, labels = cloze_per_sample(keys, batch, ctx.task.cloze_config)
-    logits = trainer.eval_model(state, ctx)(to_input(tuples))
+    logits = trainer.eval_model(state, ctx)(models.to_input(tuples))
     valid = batch["valid"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     predicted = jnp.argmax(logits, -1)
@@ -278,7 +263,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """VCP loss and accuracy on every tuple of `batches` (deterministic tuples and options)."""
     iterator = input_pipeline.make_iterator(batches, config, prefetch_processes=False)
-    sums = trainer.accumulate(state, iterator, eval_fn, strategy)
+    sums = parallel.accumulate(state, iterator, eval_fn, strategy)
     return summarize_eval(sums, cloze.class_names(config.cloze), prefix)
 
 
@@ -299,14 +284,16 @@ def train_vcp(
     workdir = Path(workdir).expanduser()
     config = copy.deepcopy(config)  # filled in below (arch and width from init_from)
     config_utils.migrate_deprecated_keys(config)
-    source = trainer.resolve_init(config, workdir)
+    source = backbone_lib.resolve_init(config, workdir)
     validate_config(config)
     if config.get("num_train_steps") is None:
         raise config_utils.ConfigError("config.num_train_steps must be set")
     if frozen_backbone:
         bn_calibration.validate_config(config)
     if frozen_backbone and source is not None:
-        trainer.check_fold(source, config.data)
+        backbone_lib.check_fold(
+            source, dataset=config.data.name, fold=datasets.fold_of(config.data),
+            builder_config_of=functools.partial(datasets.with_fold, config.data))
     datasets.prepare(config.data)
     data = pretrain_data(config, process_index=jax.process_index(),
                          process_count=jax.process_count(), with_test=frozen_backbone)
@@ -322,43 +309,19 @@ def train_vcp(
            else "")
         + f"; {config.num_train_steps} steps, {trainer.describe_learning_rate(config)}")
 
-    strategy = parallel.make_strategy(config.parallel)
-    state, ctx = create_train_state(config, bn_axis_name=strategy.axis_name,
-                                    frozen_backbone=frozen_backbone)
-    checkpoints = checkpointing.RunCheckpoints(workdir / checkpointing.CHECKPOINTS_DIR, config)
-    resumed = checkpoints.latest_step() is not None
-    state, start_step, started = trainer.init_state(state, checkpoints, source)
-    reporting.console(started)
-    bn_statistics = None
-    if frozen_backbone:
-        # The frozen backbone normalises with its running statistics: re-estimated on the
-        # probe's training tuples for a random backbone (config.bn_recalibration), before the
-        # head trains; a resumed run keeps its checkpoint's (the ones its head trained with).
-        stats, bn_statistics = bn_calibration.recalibrate(
-            config, nnx.merge(ctx.eval_graphdef, state.params, state.batch_stats), data.train,
-            functools.partial(calibration_forward, ctx=ctx, rng=np.asarray(state.rng)),
-            strategy, clips_per_batch=config.batch_size * config.cloze.num_clips,
-            origin="resumed" if resumed else "random" if source is None else "init_from")
-        if stats is not None:
-            state = state.replace(batch_stats=stats)
-    provenance.write(workdir, config, data=data.provenance, init_from=source)
-
-    train_fn = strategy.compile(functools.partial(train_step, ctx=ctx), donate_state=True)
-    eval_fn = strategy.compile(functools.partial(eval_step, ctx=ctx), donate_state=False)
-    writer = reporting.metric_writer(workdir)
-    result = trainer.train_loop(
-        config=config,
-        state=strategy.put_state(state),
-        train_fn=train_fn,
-        train_iter=input_pipeline.make_iterator(data.train, config, start=start_step),
-        evaluate=lambda s: evaluate(s, data.val, eval_fn, strategy, config),
-        strategy=strategy,
-        checkpoints=checkpoints,
-        start_step=start_step,
-        writer=writer,
-        desc=what,
-        eval_line=trainer.eval_line,
-    )
+    run = trainer.run_stage(
+        config, workdir, source=source,
+        create_state=lambda axis: create_train_state(config, bn_axis_name=axis,
+                                                     frozen_backbone=frozen_backbone),
+        train=data.train, train_step=train_step, eval_step=eval_step,
+        evaluate=lambda s, fn, strategy: evaluate(s, data.val, fn, strategy, config),
+        provenance_data=data.provenance, desc=what,
+        # The probe's frozen backbone normalises with its running statistics, re-estimated on
+        # its training tuples for a random backbone (config.bn_recalibration).
+        calibration_forward=calibration_forward if frozen_backbone else None,
+        clips_per_batch=config.batch_size * config.cloze.num_clips,
+        restore_best=frozen_backbone)
+    result, strategy, eval_fn = run.loop, run.strategy, run.eval_fn
     val_metrics = result.val_metrics or evaluate(result.state, data.val, eval_fn, strategy,
                                                  config)
     names = cloze.class_names(config.cloze)
@@ -371,27 +334,21 @@ def train_vcp(
         "num_train_videos": data.num_train_videos,
         "num_val_videos": data.num_val_videos,
         "num_too_short": data.num_too_short,
-        "chance_accuracy": 1.0 / ctx.task.num_classes,
+        "chance_accuracy": 1.0 / run.ctx.task.num_classes,
         "option_names": list(names),
         "loop_timing": result.timing,  # this run's loop (a resumed run: since the resume)
     }
     if frozen_backbone:
-        best = result.state
-        if result.best_step is not None and result.best_step != config.num_train_steps:
-            best = strategy.put_state(checkpoints.restore_state(
-                strategy.get_state(result.state), result.best_step))
-        test = evaluate(best, data.test, eval_fn, strategy, config, prefix="test")
+        test = evaluate(run.state, data.test, eval_fn, strategy, config, prefix="test")
         final.update(test)
         final["num_test_videos"] = data.num_test_videos
         final["backbone"] = source.describe() if source is not None else "random init"
-        final["bn_statistics"] = bn_statistics
-        step = result.best_step or config.num_train_steps
+        final["bn_statistics"] = run.bn_statistics
         title = (f"VCP probe, {config.data.name}/{config.data.builder_config} test tuples "
-                 f"({test.get('test_tuples', 0)}), step {step}")
+                 f"({test.get('test_tuples', 0)}), step {run.chosen_step}")
         reporting.plot_confusion(workdir / "confusion.png", np.asarray(test["test_confusion"]),
                                  names, title)
     reporting.write_json(workdir / "metrics.json", final)
-    checkpoints.close()
     key = "test" if frozen_backbone else "val"
     per_option = ", ".join(f"{n} {final.get(f'{key}_accuracy/{n}', float('nan')):.2f}"
                            for n in names)

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import checkpointing, reporting
 
 FILE = "provenance.json"
@@ -74,7 +75,7 @@ def collect(
     config: ml_collections.ConfigDict,
     *,
     data: dict[str, Any] | None = None,
-    init_from: checkpointing.BackboneCheckpoint | None = None,
+    init_from: backbone_lib.BackboneCheckpoint | None = None,
 ) -> dict[str, Any]:
     return {
         "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -97,7 +98,7 @@ def write(
     config: ml_collections.ConfigDict,
     *,
     data: dict[str, Any] | None = None,
-    init_from: checkpointing.BackboneCheckpoint | None = None,
+    init_from: backbone_lib.BackboneCheckpoint | None = None,
 ) -> dict[str, Any]:
     """Writes `workdir/provenance.json` (process 0) and returns what it wrote.
 

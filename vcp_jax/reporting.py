@@ -94,13 +94,13 @@ def plotting_available() -> bool:
     return True
 
 
-def _pyplot() -> Any:
-    import matplotlib  # noqa: PLC0415 - plotting is optional work at the end of a stage
+def figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib `Figure` of its own (the object API: no pyplot, no global backend), so
+    writing a plot leaves a notebook's or a user's pyplot and backend as they were. The one
+    plotting policy of vcp-jax: every plot is made here and saved with `fig.savefig`."""
+    from matplotlib.figure import Figure  # noqa: PLC0415 - plotting is optional work at the end
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def plot_confusion(
@@ -109,12 +109,12 @@ def plot_confusion(
     """A confusion matrix (rows: true class, columns: predicted) as a PNG."""
     if not is_main_process() or not plotting_available():
         return
-    plt = _pyplot()
     matrix = np.asarray(matrix, np.float64)
     shown = matrix / np.maximum(matrix.sum(1, keepdims=True), 1) if normalize else matrix
     n = len(names)
     size = min(4 + 0.18 * n, 24)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig = figure((size, size * 0.9))
+    ax = fig.subplots()
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     ticks = np.arange(n)
     label_size = 8 if n <= 26 else max(3, int(200 / n))
@@ -132,7 +132,6 @@ def plot_confusion(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_curves(
@@ -147,8 +146,8 @@ def plot_curves(
     """Named (x, y) curves on one plot, as a PNG."""
     if not is_main_process() or not plotting_available():
         return
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = figure((6, 4))
+    ax = fig.subplots()
     for name, (x, y) in curves.items():
         ax.plot(x, y, marker="o", label=name)
     if logx:
@@ -160,7 +159,6 @@ def plot_curves(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_bars(
@@ -173,12 +171,12 @@ def plot_bars(
     """Grouped bars: `groups[series][category] = value`, as a PNG."""
     if not is_main_process() or not plotting_available():
         return
-    plt = _pyplot()
     series = list(groups)
     categories = list(dict.fromkeys(c for s in series for c in groups[s]))
     x = np.arange(len(categories))
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(categories) + 2), 4))
+    fig = figure((max(6, 0.9 * len(categories) + 2), 4))
+    ax = fig.subplots()
     for i, name in enumerate(series):
         values = [groups[name].get(c, float("nan")) for c in categories]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=name)
@@ -189,4 +187,3 @@ def plot_bars(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -11,7 +11,7 @@ has its class.
 - `Embedder` / `feature_step`: a batch of videos' clips `(B, K, T, S, S, 3)` -> their features
   `(B, D)`, the pure function the parallel strategy compiles (jit or pmap).
 - `extract_features`: every video of a split once, on any number of devices and hosts (padded
-  batches, `trainer.gather`).
+  batches, `parallel.gather`).
 - `topk_neighbours`: each query's k nearest gallery videos, on the device in chunks of queries,
   so UCF101's 3,783 x 9,537 similarity matrix never exists whole (nor on the host).
 - `topk_accuracy`, and `run()`: `retrieval.json` (with the chance levels, the gallery's class
@@ -41,6 +41,7 @@ import simplejpeg
 import tqdm
 from flax import nnx
 
+from vcp_jax import backbone as backbone_lib
 from vcp_jax import (
     bn_calibration,
     checkpointing,
@@ -52,10 +53,7 @@ from vcp_jax import (
     provenance,
     reporting,
     stats,
-    trainer,
 )
-from vcp_jax import conv as conv_lib
-from vcp_jax.pretrain import to_input  # the backbones' input scaling, as in pretraining
 
 FEATURES = ("conv5", "pooled")
 POOL = (1, 2, 2)  # max-pool window and stride over (T, H, W) of the conv5 map
@@ -70,30 +68,26 @@ State = tuple[nnx.State, nnx.State]  # (parameters, BatchNorm statistics) of an 
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises `ConfigError` naming the key and what is allowed (after `resolve_init`)."""
-    config_utils.check_choice(config, "model.arch", models.ARCHS)
-    config_utils.check_positive(config, "model.width")
-    config_utils.check_choice(config, "model.dtype", trainer.DTYPES)
-    config_utils.check_choice(config, "model.conv_impl", conv_lib.CONV_IMPLS)
-    config_utils.check_choice(config, "parallel", parallel.STRATEGIES)
+    """Raises `ConfigError` naming the key and what is allowed (after `resolve_init`).
+
+    The model, the parallel strategy with the batch and how clips are read are checked as every
+    stage checks them (`models`, `parallel`, `input_pipeline`); the rest is retrieval's own.
+    """
+    models.validate_config(config)
+    parallel.validate_config(config)
+    input_pipeline.validate_config(config)
     config_utils.check_choice(config, "data.name", datasets.DATASETS)
     config_utils.check_choice(config, "retrieval.feature", FEATURES)
     bn_calibration.validate_config(config)
-    for key in ("batch_size", "data.crop_size", "retrieval.clip_len", "retrieval.num_clips",
-                "retrieval.chunk_size"):
+    for key in ("retrieval.clip_len", "retrieval.num_clips", "retrieval.chunk_size"):
         config_utils.check_positive(config, key)
-    for key in ("retrieval.num_examples", "data.num_threads", "data.num_workers"):
-        config_utils.check_positive(config, key, allow_zero=True)
+    config_utils.check_positive(config, "retrieval.num_examples", allow_zero=True)
     topk = config_utils.get(config, "retrieval.topk")
     if (not isinstance(topk, Sequence) or not topk
             or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in topk)):
         raise config_utils.ConfigError(
             f"config.retrieval.topk={topk!r} must be a non-empty sequence of ints >= 1")
     datasets.fold_of(config.data)  # a UserError unless data.builder_config names a fold
-    if config.batch_size % jax.device_count():
-        raise config_utils.ConfigError(
-            f"config.batch_size={config.batch_size} must be divisible by the number of devices "
-            f"({jax.device_count()})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,8 +116,8 @@ class Embedder(nnx.Module):
     """A backbone as a video embedder: `(B, K, T, S, S, 3)` clips in [0, 1] -> `(B, D)`.
 
     A video's feature is the mean of its K clip features. The backbone sits under the name
-    every model gives it (`checkpointing.BACKBONE`), so a checkpoint's backbone loads into it
-    as into the pretraining and fine-tuning models (`trainer.with_backbone`).
+    every model gives it (`backbone_lib.BACKBONE`), so a checkpoint's backbone loads into it
+    as into the pretraining and fine-tuning models (`backbone_lib.with_backbone`).
     """
 
     def __init__(self, backbone: nnx.Module, feature: str):
@@ -137,7 +131,7 @@ class Embedder(nnx.Module):
 
 
 def create_embedder(
-    config: ml_collections.ConfigDict, source: checkpointing.BackboneCheckpoint | None
+    config: ml_collections.ConfigDict, source: backbone_lib.BackboneCheckpoint | None
 ) -> tuple[nnx.GraphDef, State]:
     """The embedder in inference mode, split into (graphdef, (params, batch_stats)).
 
@@ -146,12 +140,12 @@ def create_embedder(
     """
     backbone = models.create_backbone(
         config.model.arch, rngs=nnx.Rngs(params=config.seed), width=config.model.width,
-        dtype=trainer.DTYPES[config.model.dtype], conv_impl=config.model.conv_impl)
+        dtype=models.DTYPES[config.model.dtype], conv_impl=config.model.conv_impl)
     embedder = Embedder(backbone, config.retrieval.feature)
     embedder.eval()  # BatchNorm normalises with its running statistics
     graphdef, params, batch_stats = nnx.split(embedder, nnx.Param, nnx.BatchStat)
     if source is not None:
-        params, batch_stats = trainer.with_backbone(params, batch_stats, source)
+        params, batch_stats = backbone_lib.with_backbone(params, batch_stats, source)
     return graphdef, (params, batch_stats)
 
 
@@ -161,9 +155,9 @@ def feature_step(
     """A batch of videos -> `features` `(B, D)` float32, with `label`, `index` and `valid`.
 
     `batch['clips']`: `(B, K, T, S, S, 3)` uint8. Per-example outputs (no cross-device
-    reduction), for `trainer.gather`.
+    reduction), for `parallel.gather`.
     """
-    features = nnx.merge(graphdef, *state)(to_input(batch["clips"]))
+    features = nnx.merge(graphdef, *state)(models.to_input(batch["clips"]))
     return {"features": features, "label": batch["label"], "index": batch["index"],
             "valid": batch["valid"]}
 
@@ -198,7 +192,7 @@ def calibration_forward(model: nnx.Module, batch: dict[str, jax.Array], index: j
                         ) -> jax.Array:
     """An `Embedder`'s backbone on a batch of clips, with the features' input scaling."""
     del index  # the clips are the batch's own; nothing is drawn on the device
-    return model.backbone(to_input(batch["clip"]))
+    return model.backbone(models.to_input(batch["clip"]))
 
 
 def video_batches(
@@ -230,7 +224,7 @@ def extract_features(
     iterator = input_pipeline.make_iterator(batches, config)
     bar = tqdm.tqdm(iterator, total=len(batches), desc=desc, unit="batch", leave=False,
                     disable=not reporting.is_main_process(), dynamic_ncols=True)
-    out = trainer.gather(state, bar, step_fn, strategy)
+    out = parallel.gather(state, bar, step_fn, strategy)
     bar.close()
     return out
 
@@ -352,13 +346,11 @@ def plot_examples(
     title: str,
 ) -> None:
     """One row per query: its middle frame, then its nearest gallery videos' (green: its class,
-    red: another). Uses matplotlib's object API, leaving the user's pyplot backend alone."""
+    red: another)."""
     if not reporting.plotting_available():
         return
-    from matplotlib.figure import Figure  # noqa: PLC0415 - plotting only at the end
-
     cols = 1 + max(len(e["neighbours"]) for e in examples)
-    fig = Figure(figsize=(1.9 * cols, 1.9 * len(examples) + 0.4))
+    fig = reporting.figure((1.9 * cols, 1.9 * len(examples) + 0.4))
     axes = fig.subplots(len(examples), cols, squeeze=False)
     for row, example in zip(axes, examples, strict=True):
         query = example["query"]
@@ -479,10 +471,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     config = copy.deepcopy(config)  # filled in below (arch and width from init_from)
     config_utils.migrate_deprecated_keys(config)
     _refuse_training_workdir(workdir)
-    source = trainer.resolve_init(config, workdir)
+    source = backbone_lib.resolve_init(config, workdir)
     validate_config(config)
     if source is not None:
-        trainer.check_fold(source, config.data)
+        backbone_lib.check_fold(
+            source, dataset=config.data.name, fold=datasets.fold_of(config.data),
+            builder_config_of=functools.partial(datasets.with_fold, config.data))
     graphdef, state = create_embedder(config, source)
     dim = feature_dim(graphdef, state, config)
     settings, fold = config.retrieval, datasets.fold_of(config.data)

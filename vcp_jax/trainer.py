@@ -1,19 +1,21 @@
-"""What every training stage shares: train state, optimizer, update core, evaluation, the loop.
+"""What every training stage shares: train state, optimizer, update core, the loop, the stage.
 
-A stage (VCP pretraining and the probe in `pretrain.py`, fine-tuning in `finetune.py`) brings its
-model, its pure `train_step(state, batch, ctx)` / `eval_step(state, batch, ctx)` built on
-`update()`, its data and its summary; everything else is here, once:
+A stage (VCP pretraining and the probe in `pretrain.py`, fine-tuning and linear evaluation in
+`finetune.py`) brings its model, its pure `train_step(state, batch, ctx)` / `eval_step(state,
+batch, ctx)` built on `update()`, its data, its evaluation and its summary; everything else is
+here, once:
 
 - `TrainState` (a pytree: jitted, sharded and checkpointed whole) and `StepContext` (the model
   structure and optimizer the steps close over);
 - the optimizer: PyTorch SGD semantics (L2 before momentum) with the lr schedules, and freezing a
   part of the model (no gradient computed for it, bit-identical after any number of steps);
 - `update()`: forward, backward, cross-device gradient mean, optimizer step, new BN statistics;
-- `accumulate()` / `gather()`: evaluation over batches padded with `valid=False` examples, as
-  sums (every example counted once on any number of devices and hosts) or per-example outputs;
-- `init_state()`: resume > init_from > scratch, as big_vision and scenic order them;
+- `init_state()`: resume > init_from > scratch, as big_vision and scenic order them (the
+  backbone itself is `vcp_jax.backbone`'s);
 - `train_loop()`: steps, progress bar, TensorBoard, one line per evaluation, checkpoints (the last
-  few plus the lowest validation loss) and bit-exact resumption;
+  few plus the lowest validation loss), bit-exact resumption, and its `Clock`;
+- `run_stage()`: the skeleton around the loop (run checkpoints, init, BatchNorm re-estimation of
+  a frozen backbone, provenance, the compiled steps, the best checkpoint restored);
 - what it survives (docs/faults.md): divergence (`Diverged`, nothing non-finite saved), a
   resumed run with a changed config (refused), damaged checkpoints (the previous one is used),
   SIGTERM / SIGINT (a checkpoint at the step boundary).
@@ -21,8 +23,11 @@ model, its pure `train_step(state, batch, ctx)` / `eval_step(state, batch, ctx)`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,10 +42,19 @@ import optax
 import tqdm
 from flax import nnx
 
-from vcp_jax import checkpointing, config_utils, models, parallel, reporting, signals
-from vcp_jax import conv as conv_lib
+from vcp_jax import backbone as backbone_lib
+from vcp_jax import (
+    bn_calibration,
+    checkpointing,
+    config_utils,
+    input_pipeline,
+    models,
+    parallel,
+    provenance,
+    reporting,
+    signals,
+)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCHEDULES = ("constant", "cosine")
 
 Batch = Mapping[str, Any]
@@ -53,30 +67,24 @@ Metrics = dict[str, float]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """The checks every training stage shares; a `ConfigError` names the key and what is allowed."""
-    if config.model.get("arch") is not None:
-        config_utils.check_choice(config, "model.arch", models.ARCHS)
-    if config.model.get("width") is not None:
-        config_utils.check_positive(config, "model.width")
-    config_utils.check_choice(config, "model.dtype", DTYPES)
-    config_utils.check_choice(config, "model.conv_impl", conv_lib.CONV_IMPLS)
-    config_utils.check_choice(config, "parallel", parallel.STRATEGIES)
+    """The checks every training stage shares; a `ConfigError` names the key and what is allowed.
+
+    The model, the parallel strategy with the batch and how clips are read are checked as every
+    stage checks them (`models`, `parallel`, `input_pipeline`); the rest is training's own.
+    """
+    models.validate_config(config)
+    parallel.validate_config(config)
+    input_pipeline.validate_config(config)
     config_utils.check_choice(config, "optimizer.schedule", SCHEDULES)
-    for key in ("batch_size", "log_every_steps", "optimizer.learning_rate", "data.crop_size",
-                "keep_checkpoints"):
+    for key in ("log_every_steps", "optimizer.learning_rate", "keep_checkpoints"):
         config_utils.check_positive(config, key)
     # None: a stage derives them from the data (fine-tuning: epochs of the training videos).
     for key in ("num_train_steps", "checkpoint_every_steps", "eval_every_steps"):
         if config.get(key) is not None:
             config_utils.check_positive(config, key)
     for key in ("optimizer.momentum", "optimizer.weight_decay", "optimizer.warmup_steps",
-                "data.num_val_videos", "data.num_workers", "data.num_threads"):
+                "data.num_val_videos"):
         config_utils.check_positive(config, key, allow_zero=True)
-    if config.batch_size % jax.device_count():
-        raise config_utils.ConfigError(
-            f"config.batch_size={config.batch_size} must be divisible by the number of devices "
-            f"({jax.device_count()})"
-        )
 
 
 def effective_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -251,6 +259,23 @@ def update_with_norm(
     return new_state, loss, aux, optax.global_norm(grads)
 
 
+def classification_update(
+    state: TrainState, ctx: StepContext, inputs: jax.Array, labels: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step of softmax cross-entropy of `model(inputs)` against integer `labels` (the
+    cloze options of VCP, the action classes of fine-tuning), with the metrics every training
+    stage logs: loss, accuracy and gradient norm, averaged over the devices."""
+
+    def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
+        logits = model(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    state, loss, logits, grad_norm = update_with_norm(state, ctx, loss_fn)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm}
+    return state, reduce_metrics(metrics, ctx)
+
+
 def eval_model(state: TrainState, ctx: StepContext) -> nnx.Module:
     """The model of `state` in inference mode (BatchNorm normalises with its running statistics)."""
     return nnx.merge(ctx.eval_graphdef, state.params, state.batch_stats, copy=True)
@@ -285,142 +310,14 @@ def sum_metrics(sums: dict[str, jax.Array], ctx: StepContext) -> dict[str, jax.A
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation over padded batches
-# --------------------------------------------------------------------------------------------
-
-
-def accumulate(
-    state: Any,
-    batches: Iterator[Batch],
-    eval_fn: Callable[..., Any],
-    strategy: parallel.Strategy,
-) -> dict[str, np.ndarray] | None:
-    """Sums of `eval_fn`'s outputs over every batch (None for no batch).
-
-    `eval_fn` returns sums over the valid examples of a global batch (padding masked), so each
-    example counts once on any number of devices and hosts.
-    """
-    totals = None
-    for batch in batches:
-        sums = strategy.fetch(eval_fn(state, strategy.put_batch(batch)))
-        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    return totals
-
-
-def gather(
-    state: Any,
-    batches: Iterator[Batch],
-    eval_fn: Callable[..., Any],
-    strategy: parallel.Strategy,
-) -> dict[str, np.ndarray]:
-    """Per-example outputs of `eval_fn` over every batch, from every host, padding removed.
-
-    `eval_fn` returns arrays with a leading batch axis and must include `valid`; the result holds
-    the valid rows of every global batch, on every host, in global order.
-    """
-    parts: list[dict[str, np.ndarray]] = []
-    for batch in batches:
-        out = strategy.gather(eval_fn(state, strategy.put_batch(batch)))
-        valid = out.pop("valid").astype(bool)
-        parts.append({k: v[valid] for k, v in out.items()})
-    if not parts:
-        return {}
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-# --------------------------------------------------------------------------------------------
 # Initialisation: resume > init_from > scratch
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_init(
-    config: ml_collections.ConfigDict, workdir: Path
-) -> checkpointing.BackboneCheckpoint | None:
-    """Decides how a run starts (resume > init_from > scratch) and completes `config.model`.
-
-    Returns the backbone to start from, or None (resume, or scratch). A stage that starts from
-    a checkpoint rebuilds its architecture from the config stored there, so `model.arch` and
-    `model.width` may be left unset (None); a value given explicitly must agree. Called before
-    any data or compile work, so a wrong `init_from` fails at once.
-    """
-    own = checkpointing.find_own_steps(workdir)
-    if own:
-        # The newest checkpoint whose config reads (a damaged one is reported and moved aside
-        # by `init_state`); a changed config is refused here, before any data or compile work.
-        for step in reversed(own):
-            step_dir = Path(workdir) / checkpointing.CHECKPOINTS_DIR / str(step)
-            try:
-                stored = checkpointing.read_config(step_dir, what="resume")
-            except checkpointing.CheckpointError:
-                continue
-            checkpointing.check_resume_config(stored, config, step=step, where=step_dir,
-                                              skip_unset=True)
-            _fill_model_config(config, stored["model"], step_dir)
-            return None
-        raise checkpointing.CheckpointError(
-            f"no checkpoint in {Path(workdir) / checkpointing.CHECKPOINTS_DIR} has a readable "
-            f"config (steps {', '.join(map(str, own))}); delete the folder (or choose another "
-            f"--workdir) to start again")
-    source = checkpointing.load_backbone(config.init_from) if config.get("init_from") else None
-    if source is not None:
-        _fill_model_config(config, source.config["model"], source.path)
-    elif config.model.get("arch") is None:
-        raise config_utils.ConfigError(
-            f"config.model.arch is not set and there is no config.init_from to take it from; "
-            f"choose one of {models.ARCHS}"
-        )
-    if config.model.get("width") is None:
-        config.model.width = 64
-    return source
-
-
-def _fill_model_config(
-    config: ml_collections.ConfigDict, stored: Mapping[str, Any], where: Path
-) -> None:
-    for key in ("arch", "width"):
-        given, value = config.model.get(key), stored[key]
-        if given is not None and given != value:
-            raise checkpointing.CheckpointError(
-                f"the checkpoint {where} holds a backbone with model.{key}={value!r}, but "
-                f"config.model.{key}={given!r}; drop the override or pick another checkpoint"
-            )
-        config.model[key] = value
-
-
-def with_backbone(
-    params: nnx.State, batch_stats: nnx.State, source: checkpointing.BackboneCheckpoint
-) -> tuple[nnx.State, nnx.State]:
-    """Copies of a model's parameters and BatchNorm statistics with their `backbone` subtree
-    taken from `source` (every key and shape must fit); the rest (a head) stays as it is."""
-    name = checkpointing.BACKBONE
-
-    def put(tree: nnx.State, loaded: dict[str, np.ndarray], what: str) -> nnx.State:
-        pure = nnx.to_pure_dict(tree)
-        pure[name] = checkpointing.assign_backbone(pure[name], loaded, what=what,
-                                                   source=source.path)
-        new = jax.tree.map(lambda x: x, tree)  # a copy with the same Variable structure
-        nnx.replace_by_pure_dict(new, pure)
-        return new
-
-    return (put(params, source.params, "parameters"),
-            put(batch_stats, source.batch_stats, "BatchNorm statistics"))
-
-
-def init_backbone(
-    state: TrainState, source: checkpointing.BackboneCheckpoint
-) -> TrainState:
-    """`state` with its backbone's parameters and BatchNorm statistics taken from `source`.
-
-    Everything else (the new head, the optimizer state) stays as initialised.
-    """
-    params, batch_stats = with_backbone(state.params, state.batch_stats, source)
-    return state.replace(params=params, batch_stats=batch_stats)
 
 
 def init_state(
     state: TrainState,
     checkpoints: checkpointing.RunCheckpoints,
-    source: checkpointing.BackboneCheckpoint | None,
+    source: backbone_lib.BackboneCheckpoint | None,
 ) -> tuple[TrainState, int, str]:
     """(state, first step, what happened): resume > init_from > scratch.
 
@@ -447,33 +344,9 @@ def init_state(
                              f"{checkpoints.directory}{changed}")
     if source is None:
         return state, 0, "starting from random initialisation"
-    state = init_backbone(state, source)
+    state = backbone_lib.init_backbone(state, source)
     dropped = f"; not loaded: {', '.join(source.dropped)}" if source.dropped else ""
     return state, 0, f"loaded the {source.describe()}{dropped}"
-
-
-def check_fold(source: checkpointing.BackboneCheckpoint, data: ml_collections.ConfigDict) -> None:
-    """Refuses to test a fine-tuned backbone on a fold whose test videos it trained on.
-
-    A backbone fine-tuned on fold f of a dataset has seen the train videos of fold f, which are
-    test videos of the other folds; testing it there would count training videos.
-    """
-    if source.fold is None:
-        return
-    trained_on = source.config.get("data", {}).get("name")
-    if trained_on != data.name:
-        return
-    from vcp_jax import datasets  # noqa: PLC0415
-
-    fold = datasets.fold_of(data)
-    if fold != source.fold:
-        raise config_utils.UserError(
-            f"the backbone in {source.path} was fine-tuned on {trained_on} fold {source.fold}; "
-            f"fold {fold}'s test videos include videos it trained on. Test it on fold "
-            f"{source.fold} (config.data.builder_config="
-            f"'{datasets.with_fold(data, source.fold)}') or start from a checkpoint that was not "
-            f"fine-tuned on {trained_on}."
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,6 +369,63 @@ class Diverged(config_utils.UserError):
     exit_code = 3  # main's exit status: not a config mistake (2), not a signal (128 + n)
 
 
+class Clock:
+    """Where the loop's wall time goes, as big_vision's `u.chrono` keeps it: the first step
+    (compilation, timed alone and kept out of the rates), training, waiting for input,
+    evaluation and checkpointing. A log window's rates leave out the evaluations and saves in it.
+    """
+
+    KEYS = ("first_step_seconds", "train_seconds", "train_cpu_seconds", "input_wait_seconds",
+            "eval_seconds", "checkpoint_seconds")
+
+    def __init__(self) -> None:
+        self.timing: dict[str, float] = dict.fromkeys(self.KEYS, 0.0)
+        self.timing["train_steps"] = 0
+        self.start = time.perf_counter()
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.window_start, self.window_cpu = time.perf_counter(), time.process_time()
+        self.window_wait = self.window_other = self.other_cpu = 0.0
+
+    def first_step(self, started: float) -> None:
+        """The first step (begun at `started`) has finished: rates count from now."""
+        self.timing["first_step_seconds"] = time.perf_counter() - started
+        self._new_window()
+
+    def step(self, waited: float) -> None:
+        """A later step, after waiting `waited` seconds for its batch."""
+        self.window_wait += waited
+        self.timing["input_wait_seconds"] += waited
+        self.timing["train_steps"] += 1
+
+    def window(self, steps: int) -> dict[str, float]:
+        """Closes a log window of `steps` steps: its steps/s and input-wait fraction."""
+        elapsed = time.perf_counter() - self.window_start - self.window_other
+        self.timing["train_seconds"] += elapsed
+        self.timing["train_cpu_seconds"] += (time.process_time() - self.window_cpu
+                                             - self.other_cpu)
+        rates = {"steps_per_second": steps / elapsed,
+                 "input_wait_fraction": self.window_wait / elapsed}
+        self._new_window()
+        return rates
+
+    @contextlib.contextmanager
+    def pause(self, key: str) -> Iterator[None]:
+        """Times the block as `key` ('eval_seconds', 'checkpoint_seconds'), not as training."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            self.timing[key] += seconds
+            self.window_other += seconds
+            self.other_cpu += time.process_time() - c0
+
+    def total(self) -> dict[str, float]:
+        return {**self.timing, "total_seconds": time.perf_counter() - self.start}
+
+
 def train_loop(
     *,
     config: ml_collections.ConfigDict,
@@ -516,8 +446,9 @@ def train_loop(
     (`val_loss` decides the best checkpoint). The next `config.prefetch_to_device` batches are
     placed on the devices while a step runs, and metrics are fetched from the devices only every
     `log_every_steps`, so the host does not wait for a step to finish in between. The timing
-    (logged as `train/input_wait_fraction`, returned in `LoopResult.timing`) separates the first
-    step (compilation), the time the loop waited for input, evaluation and checkpointing.
+    (`Clock`; logged as `train/input_wait_fraction`, returned in `LoopResult.timing`) separates
+    the first step (compilation), the time the loop waited for input, evaluation and
+    checkpointing.
 
     Faults (docs/faults.md): the loss and the gradient norm of every step are checked when they
     are fetched (each log step, and before each save), and a non-finite one, or a non-finite
@@ -534,12 +465,7 @@ def train_loop(
     val_metrics: Metrics = {}
     recent: list[Any] = []
     recent_steps: list[int] = []
-    timing = dict.fromkeys(("first_step_seconds", "train_seconds", "train_cpu_seconds",
-                            "input_wait_seconds", "eval_seconds", "checkpoint_seconds"), 0.0)
-    timing["train_steps"] = 0
-    loop_start = window_start = time.perf_counter()
-    window_cpu = time.process_time()  # this process's CPU time (all its threads)
-    window_wait = window_other = other_cpu = 0.0  # input wait; evaluation and saving
+    clock = Clock()
 
     def save(step: int, metrics: Metrics | None) -> None:
         # The steps not checked yet must be finite before their state is saved; fetching them
@@ -550,6 +476,7 @@ def train_loop(
         except checkpointing.NonFiniteError:
             raise _diverged(step, "the state holds non-finite values", checkpoints,
                             config) from None
+        _hold_after_save(step, checkpoints)
 
     with signals.training_loop():
         try:
@@ -560,14 +487,10 @@ def train_loop(
                 state, metrics = train_fn(state, batch)
                 if step == start_step + 1:  # compilation: timed alone, kept out of the rates
                     jax.block_until_ready(metrics)
-                    timing["first_step_seconds"] = time.perf_counter() - t0
+                    clock.first_step(t0)
                     _check_finite([strategy.fetch(metrics)], [step], checkpoints, config)
-                    window_start, window_wait, window_other = time.perf_counter(), 0.0, 0.0
-                    window_cpu, other_cpu = time.process_time(), 0.0
                 else:
-                    window_wait += waited
-                    timing["input_wait_seconds"] += waited
-                    timing["train_steps"] += 1
+                    clock.step(waited)
                     recent.append(metrics)
                     recent_steps.append(step)
                 bar.update()
@@ -575,27 +498,17 @@ def train_loop(
                 if (step % config.log_every_steps == 0 or is_last) and recent:
                     fetched = [strategy.fetch(m) for m in recent]  # waits for the last step
                     _check_finite(fetched, recent_steps, checkpoints, config)
-                    elapsed = time.perf_counter() - window_start - window_other
                     summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    summary["steps_per_second"] = len(recent) / elapsed
-                    summary["input_wait_fraction"] = window_wait / elapsed
+                    summary.update(clock.window(len(recent)))
                     summary["learning_rate"] = float(lr_schedule(step - 1))
                     bar.set_postfix({k: f"{summary[k]:.3f}" for k in ("loss", "accuracy")
                                      if k in summary})
                     reporting.write_scalars(writer, step, summary, prefix="train/")
-                    timing["train_seconds"] += elapsed
-                    timing["train_cpu_seconds"] += (time.process_time() - window_cpu
-                                                    - other_cpu)
-                    recent, recent_steps, window_wait, window_other = [], [], 0.0, 0.0
-                    window_start, window_cpu = time.perf_counter(), time.process_time()
-                    other_cpu = 0.0
+                    recent, recent_steps = [], []
                 evaluated = step % config.eval_every_steps == 0 or is_last
                 if evaluated:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    val_metrics = evaluate(state)
-                    timing["eval_seconds"] += time.perf_counter() - t0
-                    window_other += time.perf_counter() - t0
-                    other_cpu += time.process_time() - c0
+                    with clock.pause("eval_seconds"):
+                        val_metrics = evaluate(state)
                     val_loss = val_metrics.get("val_loss")
                     if isinstance(val_loss, float) and not math.isfinite(val_loss):
                         raise _diverged(step, f"val_loss={val_loss}", checkpoints, config)
@@ -604,11 +517,8 @@ def train_loop(
                         bar.write(eval_line(step, val_metrics))
                 saved = step % config.checkpoint_every_steps == 0 or is_last
                 if saved:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    save(step, val_metrics if evaluated else None)
-                    timing["checkpoint_seconds"] += time.perf_counter() - t0
-                    window_other += time.perf_counter() - t0
-                    other_cpu += time.process_time() - c0
+                    with clock.pause("checkpoint_seconds"):
+                        save(step, val_metrics if evaluated else None)
                 signum = signals.stop_now(step)
                 if signum is not None:
                     if not saved:
@@ -624,8 +534,24 @@ def train_loop(
         raise signals.Stopped(
             signals.stopped_message(signum, config.num_train_steps, checkpoints.directory),
             signum)
-    timing["total_seconds"] = time.perf_counter() - loop_start
-    return LoopResult(state, val_metrics, checkpoints.best_step(), start_step, timing)
+    return LoopResult(state, val_metrics, checkpoints.best_step(), start_step, clock.total())
+
+
+# For tests that kill a run at a known point (tests/test_pretrain.py, test_multihost.py): with
+# this variable naming a file, the first save of a run is waited for, process 0 writes its step
+# into the file, and every process then sleeps until it is killed (at most 10 minutes). Without
+# it (every real run), nothing happens.
+HOLD_AFTER_SAVE_ENV = "VCP_JAX_HOLD_AFTER_SAVE"
+
+
+def _hold_after_save(step: int, checkpoints: checkpointing.RunCheckpoints) -> None:
+    marker = os.environ.get(HOLD_AFTER_SAVE_ENV)
+    if not marker:
+        return
+    checkpoints.wait()
+    if jax.process_index() == 0:
+        Path(marker).write_text(f"{step}\n")
+    time.sleep(600)
 
 
 # The metrics whose values must stay finite: a NaN or an infinity in either means the run has
@@ -668,3 +594,88 @@ def eval_line(step: int, metrics: Metrics) -> str:
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                       if "/" not in k and isinstance(v, float))
     return f"step {step}: {shown}"
+
+
+# --------------------------------------------------------------------------------------------
+# A training stage, written once
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StageRun:
+    """What `run_stage` hands back to its stage, for the stage's own test and report."""
+
+    state: Any  # on the devices: the chosen checkpoint's state (see `run_stage`)
+    chosen_step: int  # the lowest validation loss, or the last step when nothing ranked them
+    loop: LoopResult
+    ctx: StepContext
+    strategy: parallel.Strategy
+    eval_fn: Callable[..., Any]  # the stage's `eval_step`, compiled
+    bn_statistics: dict[str, Any] | None  # `bn_calibration.recalibrate`'s record (frozen only)
+
+
+def run_stage(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    *,
+    source: backbone_lib.BackboneCheckpoint | None,
+    create_state: Callable[[str | None], tuple[TrainState, StepContext]],
+    train: Any,
+    train_step: Callable[..., Any],
+    eval_step: Callable[..., Any],
+    evaluate: Callable[[Any, Callable[..., Any], parallel.Strategy], Metrics],
+    provenance_data: dict[str, Any],
+    desc: str,
+    calibration_forward: Callable[..., Any] | None = None,
+    clips_per_batch: int = 0,
+    restore_best: bool = True,
+) -> StageRun:
+    """What every training stage does around `train_loop`, given its model, data and steps.
+
+    The run's checkpoints in `workdir`; the state from `create_state(bn_axis_name)`, then
+    resume > init_from (`source`) > scratch (`init_state`); for a frozen backbone
+    (`calibration_forward` given), its BatchNorm statistics re-estimated on the training
+    batches `train` first (`bn_calibration`, `config.bn_recalibration`; a resumed run keeps its
+    checkpoint's, the ones its head trained with); `provenance.json`; the two compiled steps
+    (`train_step(state, batch, ctx)`, `eval_step` for `evaluate(state, eval_fn, strategy)`);
+    TensorBoard; the loop. With `restore_best`, the state handed back is the one of the
+    checkpoint with the lowest validation loss (the last step when nothing ranked them).
+    """
+    strategy = parallel.make_strategy(config.parallel)
+    state, ctx = create_state(strategy.axis_name)
+    checkpoints = checkpointing.RunCheckpoints(workdir / checkpointing.CHECKPOINTS_DIR, config)
+    resumed = checkpoints.latest_step() is not None
+    state, start_step, started = init_state(state, checkpoints, source)
+    reporting.console(started)
+    bn_statistics = None
+    if calibration_forward is not None:
+        stats, bn_statistics = bn_calibration.recalibrate(
+            config, nnx.merge(ctx.eval_graphdef, state.params, state.batch_stats), train,
+            functools.partial(calibration_forward, ctx=ctx, rng=np.asarray(state.rng)),
+            strategy, clips_per_batch=clips_per_batch,
+            origin="resumed" if resumed else "random" if source is None else "init_from")
+        if stats is not None:
+            state = state.replace(batch_stats=stats)
+    provenance.write(workdir, config, data=provenance_data, init_from=source)
+
+    train_fn = strategy.compile(functools.partial(train_step, ctx=ctx), donate_state=True)
+    eval_fn = strategy.compile(functools.partial(eval_step, ctx=ctx), donate_state=False)
+    result = train_loop(
+        config=config,
+        state=strategy.put_state(state),
+        train_fn=train_fn,
+        train_iter=input_pipeline.make_iterator(train, config, start=start_step),
+        evaluate=lambda s: evaluate(s, eval_fn, strategy),
+        strategy=strategy,
+        checkpoints=checkpoints,
+        start_step=start_step,
+        writer=reporting.metric_writer(workdir),
+        desc=desc,
+        eval_line=eval_line,
+    )
+    chosen = result.best_step or config.num_train_steps
+    state = result.state
+    if restore_best and chosen != config.num_train_steps:
+        state = strategy.put_state(checkpoints.restore_state(strategy.get_state(state), chosen))
+    checkpoints.close()
+    return StageRun(state, chosen, result, ctx, strategy, eval_fn, bn_statistics)
