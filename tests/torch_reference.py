@@ -144,33 +144,57 @@ def create_backbone(arch: str, width: int = 64, **kwargs) -> nn.Module:
 
 
 class VCPN(nn.Module):
-    """[U]'s VCP model: the backbone called once per clip position, features concatenated, `fc`."""
+    """[U]'s VCP model: the backbone called once per clip position, features concatenated, `fc`.
 
-    def __init__(self, base_network: nn.Module, tuple_len: int = 3, class_num: int = 5):
+    `modality='res'` feeds each clip's residual frames, [U]'s `VCPN.diff` (after the cloze, which
+    [U]'s `preprocess` applies before the forward pass).
+    """
+
+    def __init__(self, base_network: nn.Module, tuple_len: int = 3, class_num: int = 5,
+                 modality: str = "rgb"):
         super().__init__()
         self.base_network = base_network
         self.tuple_len = tuple_len
         self.fc = nn.Linear(base_network.num_features * tuple_len, class_num)
+        self.res = modality != "rgb"  # [U]: `if modality == 'rgb': self.res = False`
+
+    def diff(self, x: torch.Tensor) -> torch.Tensor:
+        """[U]'s residual frames, verbatim: previous frame minus current, mapped to [0, 1]."""
+        shift_x = torch.roll(x, 1, 2)
+        return ((shift_x - x) + 1) / 2
 
     def forward(self, tuples: torch.Tensor) -> torch.Tensor:
         """`(B, N, C, T, H, W)` -> `(B, class_num)`."""
-        feats = [self.base_network(tuples[:, i]) for i in range(self.tuple_len)]
+        clips = [tuples[:, i] for i in range(self.tuple_len)]
+        if self.res:
+            clips = [self.diff(c) for c in clips]
+        feats = [self.base_network(c) for c in clips]
         return self.fc(torch.cat(feats, dim=1))
 
 
 class VCOPN(nn.Module):
-    """[V]'s clip order model: pairwise `fc7` + ReLU, concatenated, dropout, `fc8`."""
+    """[V]'s clip order model: pairwise `fc7` + ReLU, concatenated, dropout, `fc8`.
 
-    def __init__(self, base_network: nn.Module, tuple_len: int = 3):
+    `res=True` is [U]'s `VCOPN(res=True)`: each clip's `clip - torch.roll(clip, 1, 2)`.
+    """
+
+    def __init__(self, base_network: nn.Module, tuple_len: int = 3, res: bool = False):
         super().__init__()
         self.base_network = base_network
         self.tuple_len = tuple_len
         self.fc7 = nn.Linear(base_network.num_features * 2, 512)
         self.fc8 = nn.Linear(512 * tuple_len * (tuple_len - 1) // 2, math.factorial(tuple_len))
         self.dropout = nn.Dropout(p=0.5)
+        self.res = res
 
     def forward(self, tuples: torch.Tensor) -> torch.Tensor:
-        f = [self.base_network(tuples[:, i]) for i in range(self.tuple_len)]
+        f = []
+        for i in range(self.tuple_len):
+            clip = tuples[:, i]
+            if self.res:
+                shift_clip = torch.roll(clip, 1, 2)
+                clip = clip - shift_clip
+            f.append(self.base_network(clip))
         pairs = [torch.cat([f[i], f[j]], dim=1)
                  for i in range(self.tuple_len) for j in range(i + 1, self.tuple_len)]
         h = torch.cat([torch.relu(self.fc7(p)) for p in pairs], dim=1)
