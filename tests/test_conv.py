@@ -122,3 +122,58 @@ def test_resolve() -> None:
     assert conv.resolve("auto") is conv.resolve(conv.auto_impl())
     with pytest.raises(ValueError, match="conv_impl"):
         conv.resolve("winograd")
+
+
+# The weight gradient's shapes: conv1's 7x7 on 3 channels with spatial stride 2, a strided 3x3x3,
+# kernels of 1 in time or space (R(2+1)D's halves), odd sizes, asymmetric padding.
+WGRAD_CASES = [
+    ((3, 7, 7), (1, 2, 2), ((1, 1), (3, 3), (3, 3)), 3),
+    ((3, 3, 3), (2, 2, 2), ((1, 1), (1, 1), (1, 1)), 3),
+    ((1, 7, 7), (1, 2, 2), ((0, 0), (3, 3), (3, 3)), 2),
+    ((3, 1, 1), (2, 1, 1), ((1, 1), (0, 0), (0, 0)), 4),
+    ((7, 1, 1), (1, 1, 1), ((3, 3), (0, 0), (0, 0)), 3),
+    ((2, 3, 2), (3, 1, 2), ((1, 0), (0, 2), (2, 1)), 5),
+]
+
+
+@pytest.mark.parametrize("clips", [1, 2, 6])  # clips (of 6) a step of the loop; 6: no loop
+@pytest.mark.parametrize("kernel, strides, padding, cin", WGRAD_CASES)
+def test_weight_grad_equals_native_grad_float64(kernel, strides, padding, cin, clips,
+                                                monkeypatch) -> None:
+    """conv2d_mm's weight gradient, in its loop over clips or in one pass, channel-major or
+    channels-last, equals the gradient of XLA's native conv to float64 rounding."""
+    with jax.enable_x64(True):
+        kx, kk, kg = jax.random.split(jax.random.PRNGKey(7), 3)
+        x = jax.random.normal(kx, (6, 5, 11, 9, cin), jnp.float64)
+        k = jax.random.normal(kk, (*kernel, cin, 4), jnp.float64)
+        y, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
+            x, k, strides, padding, dimension_numbers=LAYOUT,
+            precision=lax.Precision.HIGHEST), k)
+        g = jax.random.normal(kg, y.shape, jnp.float64)
+        per_clip = 4 * int(np.prod(y.shape[1:4])) * kernel[1] * kernel[2] * cin
+        monkeypatch.setattr(conv, "_WGRAD_CHUNK_BYTES", clips * per_clip)
+        if cin == 2:  # also the channels-last im2col (in one pass), on one case
+            monkeypatch.setattr(conv, "_WGRAD_CHANNEL_MAJOR_BELOW", 2)
+        (dk_ref,) = vjp(g)
+        dk = jax.jit(conv._weight_grad, static_argnums=(2, 3, 4))(x, g, k.shape, strides,
+                                                                   padding)
+        assert dk.dtype == jnp.float64
+        np.testing.assert_allclose(dk, dk_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_weight_grad_loop_in_the_vjp(monkeypatch) -> None:
+    """The loop over clips, inside the custom VJP under jit, float32: as autodiff of native."""
+    for case, one_clip_bytes in [(CASES[1], 88_200), (CASES[2], 8_100)]:
+        monkeypatch.setattr(conv, "_WGRAD_CHUNK_BYTES", one_clip_bytes)  # of 2: one a step
+        x, k, _, ours = _pair("conv2d_mm", *case, frames=6)
+        loss = lambda k, x=x, f=ours: jnp.sum(f(x, k))  # noqa: E731
+        assert "scan" in str(jax.make_jaxpr(jax.grad(loss))(k))
+        _assert_same("conv2d_mm", *case, frames=6)
+
+
+def test_clips_per_step(monkeypatch) -> None:
+    monkeypatch.setattr(conv, "_WGRAD_CHUNK_BYTES", 1000)
+    assert conv._clips_per_step(48, 100) == 8  # 10 fit; the largest divisor of 48 below
+    assert conv._clips_per_step(7, 100) == 7
+    assert conv._clips_per_step(7, 200) == 1  # 5 fit, 7 is prime
+    assert conv._clips_per_step(6, 5000) == 1  # not even one fits: one a step

@@ -16,9 +16,12 @@ over the taps shifted in time. Same parameters, same result (to float rounding).
     frame's (`'conv2d'` does 2x the work in R3D's downsampling convs), and no 2D conv runs on
     the zero frames of the temporal padding;
   * weight gradient: per temporal phase, one matrix product of the time-shifted output gradient
-    (channel-major) with the spatially shifted input, a few kernel taps at a time. Autodiff of
-    `'conv2d'` gives a 2D convolution whose window is the whole frame, which XLA:CPU runs at
-    under a tenth of its matmul speed (R3D's weight gradients: 3x PyTorch's time);
+    with the spatially shifted input (im2col), a few kernel taps at a time; for inputs of under
+    32 channels the im2col is channel-major and built in a loop over the batch a few clips at a
+    time, in a cache-sized buffer (3-8x faster for R3D's demo-size conv1 and conv2, 1.2x for its
+    paper-size conv1). Autodiff of `'conv2d'` gives a 2D convolution whose window is the whole
+    frame, which XLA:CPU runs at under a tenth of its matmul speed (R3D's weight gradients: 3x
+    PyTorch's time);
   * input gradient: for stride-1 convs the same forward formulation on the output gradient with
     the flipped kernel (a wide-output 2D conv; autodiff's transposed form is a narrow-output
     one, 2-3x slower in XLA:CPU); for strided convs one matrix product per temporal phase and a
@@ -215,46 +218,103 @@ def _shifted(g: jax.Array, phase: _Phase) -> jax.Array:
 # about this many: fewer taps per product copy less of the input at once, more make larger
 # products. Measured flat between 64 and 192 rows for C = 64 on the 2-core CPU.
 _WGRAD_ROWS = 192
+# Weight gradient of the small-channel convs: clips per step of its loop, so that one step's
+# im2col (taps x channels x output voxels, float32) stays under about this many bytes: a
+# cache-sized buffer (L2: 512 KiB a core on the 2-core AMD EPYC) that the loop reuses, instead of
+# one of tens of MB written, page-faulted in and read once. benchmarks/conv_wgrad.py, R3D's demo
+# conv1 + conv2 on that CPU, interleaved: 0.25-1 MiB 3.5-8x faster than one pass over the batch
+# (the spread is the machine's noise, not the budget's), 4-16 MiB 3-4x.
+_WGRAD_CHUNK_BYTES = 512 << 10
+# Weight gradient: below this many input channels the im2col is built channel-major (each tap's
+# window a copy of whole rows) in a loop over the batch; from it up channels-last (each tap's
+# window C-element pieces, which for 32 and more channels copy about as fast and need no
+# transpose of the input) in one pass, as measured fastest per layer (benchmarks/conv_wgrad.py).
+_WGRAD_CHANNEL_MAJOR_BELOW = 32
+
+
+def _weight_grad_clips(
+    x: jax.Array, g: jax.Array, k_shape: tuple[int, ...], strides: Strides, padding: Padding,
+    precision: Any = None,
+) -> jax.Array:
+    """dL/dk of a few clips: per temporal phase and group of spatial taps, one matrix product
+
+        (taps * C, M) @ (M, J * O) -> (taps * C, J * O),  M = clips * frames * Ho * Wo,
+
+    of the input's shifted windows and the output gradient shifted in time (the phase's J
+    temporal taps, channels-last). Under `_WGRAD_CHANNEL_MAJOR_BELOW` input channels the input
+    is transposed once to (C, N, T, H, W), so that every tap's window is a copy of whole rows,
+    not of C-element pieces (3x faster for conv1's 3 channels); from it up both operands stay
+    channels-last and XLA:CPU's matmul contracts their major axis without transposing copies."""
+    n, t, h, w, c = x.shape
+    kt, kh, kw, _, cout = k_shape
+    st, sh, sw = strides
+    to, ho, wo = g.shape[1:4]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    major = c < _WGRAD_CHANNEL_MAJOR_BELOW
+    if major:
+        xp = jnp.pad(jnp.moveaxis(x, -1, 0), ((0, 0), (0, 0), (0, 0), padding[1], padding[2]))
+    else:
+        xp = jnp.pad(x, ((0, 0), (0, 0), padding[1], padding[2], (0, 0)))
+    taps_hw = [(b, e) for b in range(kh) for e in range(kw)]
+    group = max(1, min(len(taps_hw), _WGRAD_ROWS // c))
+    grads: list[jax.Array | None] = [None] * kt
+    for phase in _phases(t, kt, st, padding[0][0], to):
+        time_sl = slice(phase.first, phase.first + st * (phase.frames - 1) + 1, st)
+        frames = xp[:, :, time_sl] if major else xp[:, time_sl]
+        gs = _shifted(g, phase).reshape(-1, len(phase.taps) * cout)  # (M, J * O)
+        blocks = []
+        for q in range(0, len(taps_hw), group):
+            taps = taps_hw[q : q + group]
+            windows = [
+                (slice(b, b + sh * (ho - 1) + 1, sh), slice(e, e + sw * (wo - 1) + 1, sw))
+                for b, e in taps]
+            if major:  # (taps, C, N, frames, Ho, Wo) -> (taps * C, M)
+                lhs = jnp.stack([frames[..., hs, ws] for hs, ws in windows])
+                lhs, dims = lhs.reshape(len(taps) * c, -1), (((1,), (0,)), ((), ()))
+            else:  # (N, frames, Ho, Wo, taps * C) -> (M, taps * C)
+                lhs = jnp.concatenate([frames[:, :, hs, ws] for hs, ws in windows], axis=-1)
+                lhs, dims = lhs.reshape(-1, len(taps) * c), (((0,), (0,)), ((), ()))
+            blocks.append(lax.dot_general(lhs, gs, dims, precision=precision,
+                                          preferred_element_type=acc))
+        d = jnp.concatenate(blocks, axis=0).reshape(kh, kw, c, len(phase.taps), cout)
+        for j, a in enumerate(phase.taps):
+            grads[a] = d[:, :, :, j, :]
+    zeros = jnp.zeros((kh, kw, c, cout), acc)
+    return jnp.stack([zeros if d is None else d for d in grads])
+
+
+def _clips_per_step(n: int, per_clip_bytes: int) -> int:
+    """Clips per step of the weight gradient's loop: the largest divisor of `n` whose clips'
+    im2col fits in `_WGRAD_CHUNK_BYTES`, at least 1 (read when traced, so that tests and
+    benchmarks can change it)."""
+    fit = max(1, _WGRAD_CHUNK_BYTES // max(1, per_clip_bytes))
+    return max(d for d in range(1, min(n, fit) + 1) if n % d == 0)
 
 
 def _weight_grad(
     x: jax.Array, g: jax.Array, k_shape: tuple[int, ...], strides: Strides, padding: Padding,
     precision: Any = None,
 ) -> jax.Array:
-    """dL/dk: per temporal phase and group of spatial taps, one matrix product
+    """dL/dk (float32; float64 for float64 input) by `_weight_grad_clips`. Under
+    `_WGRAD_CHANNEL_MAJOR_BELOW` input channels, summed over the batch in a loop (`lax.scan`) of
+    `_clips_per_step` clips a step, so that the im2col is a cache-sized buffer that every step
+    reuses (or one clip's); from it up in one pass over the batch, where a loop measured slower
+    (R3D's 64-512-channel convs at the paper's size: one clip's im2col is 10-350 MB, no reuse,
+    and the loop loses the overlap of the batch's ops)."""
+    n = x.shape[0]
+    kt, kh, kw, c, cout = k_shape
+    per_clip = 4 * g.shape[1] * g.shape[2] * g.shape[3] * kh * kw * c
+    clips = _clips_per_step(n, per_clip) if c < _WGRAD_CHANNEL_MAJOR_BELOW else n
+    if clips == n:
+        return _weight_grad_clips(x, g, k_shape, strides, padding, precision)
 
-        (M, taps * C)^T @ (M, J * O) -> (taps * C, J * O),  M = batch * frames * Ho * Wo,
+    def step(acc: jax.Array, xg: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        return acc + _weight_grad_clips(*xg, k_shape, strides, padding, precision), None
 
-    of the input's shifted windows and the output gradient shifted in time (the phase's J
-    temporal taps). Both operands stay in their natural channels-last layout: XLA:CPU's matmul
-    contracts their major axis without transposing copies (a channel-major operand would cost
-    one; this is 1.2-1.5x faster than either in the R3D step).
-    """
-    n, t, h, w, c = x.shape
-    kt, kh, kw, _, cout = k_shape
-    st, sh, sw = strides
-    to, ho, wo = g.shape[1:4]
-    xp = jnp.pad(x, ((0, 0), (0, 0), padding[1], padding[2], (0, 0)))
-    taps_hw = [(b, e) for b in range(kh) for e in range(kw)]
-    group = max(1, min(len(taps_hw), _WGRAD_ROWS // c))
-    grads: list[jax.Array | None] = [None] * kt
-    for phase in _phases(t, kt, st, padding[0][0], to):
-        frames = _frames_of(xp, phase, st)
-        gs = _shifted(g, phase).reshape(-1, len(phase.taps) * cout)  # (M, J * O)
-        blocks = []
-        for q in range(0, len(taps_hw), group):
-            taps = taps_hw[q : q + group]
-            windows = [frames[:, :, b : b + sh * (ho - 1) + 1 : sh,
-                              e : e + sw * (wo - 1) + 1 : sw, :] for b, e in taps]
-            lhs = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
-            blocks.append(lax.dot_general(
-                lhs.reshape(-1, len(taps) * c), gs, (((0,), (0,)), ((), ())),
-                precision=precision, preferred_element_type=jnp.float32))
-        d = jnp.concatenate(blocks, axis=0).reshape(kh, kw, c, len(phase.taps), cout)
-        for j, a in enumerate(phase.taps):
-            grads[a] = d[:, :, :, j, :]
-    zeros = jnp.zeros((kh, kw, c, cout), jnp.float32)
-    return jnp.stack([zeros if d is None else d for d in grads])
+    xs = x.reshape(n // clips, clips, *x.shape[1:])
+    gs = g.reshape(n // clips, clips, *g.shape[1:])
+    acc = jnp.zeros(k_shape, jnp.promote_types(x.dtype, jnp.float32))
+    return lax.scan(step, acc, (xs, gs))[0]
 
 
 def _input_grad_col2im(
