@@ -13,6 +13,9 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "pretrain"  # the stage main.py runs: pretrain, finetune, retrieval, probe, demo
     config.seed = 0  # parameter init, data order and cloze draws (same seed, same run)
+    # The pretext task of pretraining: 'vcp' (the video cloze, `cloze.*`) or 'vcop' (clip order
+    # prediction, [V], `vcop.*`; configs/pretrain_vcop.py). Recorded in the checkpoint.
+    config.pretext = "vcp"
     # A workdir (or its checkpoints/ or one step folder) whose backbone starts this run; its
     # best-validation-loss checkpoint, else the latest. Unused when the run resumes its own.
     config.init_from = ml_collections.config_dict.placeholder(str)
@@ -23,6 +26,9 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     # initial mean 0, var 1, as in the reference code's protocol).
     config.bn_recalibration = "auto"
     config.bn_recalibration_clips = 256  # training clips the re-estimation runs on
+    # A backbone from init_from trained on another input (model.modality, residual_formula,
+    # residual_edge) is refused; True uses it on this config's input anyway.
+    config.force_modality = False
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "ucf101_frames"  # built with `python -m tfds_builders.build`
@@ -56,6 +62,17 @@ def get_config(arch: str = "r3d") -> ml_collections.ConfigDict:
     # 3D convs: 'auto' runs them as 2D convs + a temporal sum on CPU (3x faster there) and as
     # XLA's native 3D convs on GPU/TPU; 'native' or 'conv2d' force one (same parameters).
     config.model.conv_impl = "auto"
+    # What the backbone reads (docs/method.md §9.2): 'rgb' (the frames) or 'res' (residual
+    # frames, computed on the device; for VCP after the cloze). Recorded in the checkpoint;
+    # fine-tuning, retrieval and the probe take their init_from backbone's when unset (None).
+    config.model.modality = "rgb"
+    # The residual formula: 'vcp' ([U]'s VCPN, (roll(x, 1, T) - x + 1) / 2) or 'vcop' ([U]'s
+    # VCOPN, x - roll(x, 1, T)); None: the pretext's own (filled in when a run starts).
+    config.model.residual_formula = ml_collections.config_dict.placeholder(str)
+    # 'roll' (the reference: frame 0 differs with the clip's last frame); 'extra_frame' (no
+    # wrap-around from T + 1 loaded frames) is not wired into the stages yet. None: 'roll', or
+    # the init_from backbone's (filled in when a run starts).
+    config.model.residual_edge = ml_collections.config_dict.placeholder(str)
 
     # SGD, momentum 0.9, L2 5e-4 before momentum, lr 0.01 constant, batch 8 (docs/method.md
     # §3). With `scale_with_batch` the rate grows linearly with the global batch: 0.01 *

@@ -47,6 +47,10 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     config.task = "finetune"
     config.model.arch = kwargs.get("arch") or config_dict.placeholder(str)  # None: init_from's
     config.model.width = config_dict.placeholder(int)  # None: init_from's (64 from scratch)
+    # None: the input init_from's backbone was trained on (RGB from scratch); set, it must
+    # agree with the backbone's unless config.force_modality.
+    config.model.modality = config_dict.placeholder(str)
+    del config["pretext"]  # the backbone's pretext is recorded in its checkpoint
     config.data.name = f"{dataset}_frames"
     config.data.builder_config = "split1"  # its fold is replaced by each fold run's
     config.data.num_val_videos = NUM_VAL_VIDEOS[dataset]  # train videos held out (lowest loss)

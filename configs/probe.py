@@ -22,6 +22,9 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     config.task = "probe"
     config.model.arch = kwargs.get("arch") or config_dict.placeholder(str)  # None: init_from's
     config.model.width = config_dict.placeholder(int)  # None: init_from's (64 from scratch)
+    # None: the input init_from's backbone was trained on (RGB from scratch); set, it must
+    # agree with the backbone's unless config.force_modality.
+    config.model.modality = config_dict.placeholder(str)
     # Only the linear VCP head trains: 10 epochs of the 8,737 videos are plenty.
     config.num_train_steps = 11_000
     config.eval_every_steps = 1_000

@@ -19,8 +19,9 @@ from configs import default, finetune
 
 DATASETS = ("ucf101", "hmdb51")
 # Keys of the pretraining recipe that retrieval has no use for (it does not train).
-TRAINING_ONLY = ("optimizer", "cloze", "num_train_steps", "log_every_steps", "eval_every_steps",
-                 "checkpoint_every_steps", "keep_checkpoints", "prefetch_to_device")
+TRAINING_ONLY = ("pretext", "optimizer", "cloze", "num_train_steps", "log_every_steps",
+                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "prefetch_to_device")
 
 
 def get_config(args: str = "") -> ml_collections.ConfigDict:
@@ -41,6 +42,9 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     config.seed = 0  # the random init of the backbone when there is no init_from
     config.model.arch = kwargs.get("arch") or config_dict.placeholder(str)  # None: init_from's
     config.model.width = config_dict.placeholder(int)  # None: init_from's (64 from scratch)
+    # None: the input init_from's backbone was trained on (RGB from scratch); set, it must
+    # agree with the backbone's unless config.force_modality.
+    config.model.modality = config_dict.placeholder(str)
     config.data.name = f"{dataset}_frames"  # ucf101_frames or hmdb51_frames (tfds_builders)
     config.data.builder_config = "split1"  # queries: its test videos; gallery: its train videos
     config.data.crop_size = 112  # centre crop of every clip
@@ -54,4 +58,10 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     config.retrieval.topk = (1, 5, 10, 20, 50)  # k of the reported top-k accuracies
     config.retrieval.chunk_size = 1024  # queries per on-device similarity block (x gallery)
     config.retrieval.num_examples = 8  # queries shown with their nearest videos (examples.png)
+    # Merged retrieval: a second backbone (a workdir or checkpoint, as init_from) whose video
+    # features join init_from's, e.g. the residual-frame backbone next to the RGB one (each on
+    # the input its checkpoint records). None: init_from's backbone alone.
+    config.retrieval.merge_with = config_dict.placeholder(str)
+    # How: 'mean' (same feature size) or 'concat' of the two L2-normalised features.
+    config.retrieval.merge = "mean"
     return config

@@ -115,8 +115,8 @@ def test_learning_rate_scales_with_batch(tiny_dataset: Path) -> None:
 
 
 def _main(workdir: Path, data_dir: Path, *extra: str, compilation_cache: Path | None = None,
-          hold_after_save: Path | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "main.py", "--config", "tests/tiny_pretrain_config.py",
+          hold_after_save: Path | None = None, pretext: str = "vcp") -> subprocess.Popen:
+    cmd = [sys.executable, "main.py", "--config", f"tests/tiny_pretrain_config.py:{pretext}",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
            "--config.eval_every_steps=4", *extra]
@@ -151,24 +151,33 @@ def _finish(process: subprocess.Popen) -> str:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_for_bit(tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pretext", ["vcp", "vcop"])
+def test_killed_run_resumes_bit_for_bit(tiny_dataset: Path, tmp_path: Path, pretext: str
+                                        ) -> None:
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cache = tmp_path / "jax_cache"
-    _finish(_main(straight, tiny_dataset, compilation_cache=cache))
+    out = _finish(_main(straight, tiny_dataset, compilation_cache=cache, pretext=pretext))
     metrics = json.loads((straight / "metrics.json").read_text())
-    assert {"val_loss", "val_vcp_accuracy", "val_accuracy/rotation"} <= set(metrics)
+    assert metrics["pretext"] == pretext
+    if pretext == "vcp":
+        assert {"val_loss", "val_vcp_accuracy", "val_accuracy/rotation"} <= set(metrics)
+    else:  # the order accuracy, per order, in metrics.json and on the console
+        assert {"val_loss", "val_vcop_accuracy", "val_accuracy/012", "val_accuracy/210"
+                } <= set(metrics)
+        assert "held-out VCOP accuracy" in out and "per order: 012 " in out
     # The steps were stored in --compilation_cache; the runs below load them from there, and
     # the bit-for-bit comparison shows a loaded step computes what a compiled one does.
     cached = {p.name for p in cache.iterdir()}
     assert any(name.startswith("jit_") for name in cached), cached
 
     marker = tmp_path / "saved"
-    process = _main(killed, tiny_dataset, compilation_cache=cache, hold_after_save=marker)
+    process = _main(killed, tiny_dataset, compilation_cache=cache, hold_after_save=marker,
+                    pretext=pretext)
     _wait_for(marker, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert checkpointing.find_own_steps(killed) == [2]  # killed right after its first save
-    out = _finish(_main(killed, tiny_dataset, compilation_cache=cache))
+    out = _finish(_main(killed, tiny_dataset, compilation_cache=cache, pretext=pretext))
     assert "resumed from the checkpoint of step" in out
     jax.tree.map(np.testing.assert_array_equal, _final_params(killed), _final_params(straight))
     # The best-validation-loss checkpoint is kept beside the last ones.

@@ -159,6 +159,7 @@ def test_head_pairs_and_dropout() -> None:
     np.testing.assert_allclose(head(feats), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 45 s on 2 cores: VCOP's compiled train and eval steps
 def test_train_and_eval_steps() -> None:
     """`train_step` (jit) runs, and equals its pmap twin on 2 devices x 4 tuples (same orders,
     dropout masks, global BatchNorm statistics); `eval_step` counts every valid tuple once, per

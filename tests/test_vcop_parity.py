@@ -245,12 +245,15 @@ def compare(pretext: str, arch: str, res: bool, dtype, num_steps: int, tol: dict
 # ----------------------------------------------------------------------------- VCOP
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+# R3D stays in the quick run (`-m "not slow"`); the other backbones and tests are slow.
+@pytest.mark.parametrize("arch", [a if a == "r3d" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in models.ARCHS])
 def test_vcop_train_step_matches_reference_float32(arch: str) -> None:
     """[V]'s VCOPN on RGB clips, one SGD step in float32, each backbone."""
     compare("vcop", arch, res=False, dtype=jnp.float32, num_steps=1, tol=F32_TOL)
 
 
+@pytest.mark.slow
 def test_vcop_residual_train_steps_match_reference_float64() -> None:
     """[U]'s VCOPN(res=True) (`clip - torch.roll(clip, 1, 2)`), two steps in float64: equal to
     1e-8, so the residual's sign, axis and wrap-around, per-position BatchNorm, the pair order,
@@ -259,6 +262,7 @@ def test_vcop_residual_train_steps_match_reference_float64() -> None:
         compare("vcop", "r3d", res=True, dtype=jnp.float64, num_steps=2, tol=F64_TOL)
 
 
+@pytest.mark.slow
 def test_vcop_train_step_end_to_end_float32() -> None:
     """`vcop.train_step` itself (uint8 tuples in; order, dropout masks and residual drawn inside
     the jitted step) against VCOPN(res=True) fed the same orders and masks: loss, gradient norm,
@@ -288,6 +292,7 @@ def test_vcop_train_step_end_to_end_float32() -> None:
     assert errors["params"] <= F32_TOL["params"] and errors["batch_stats"] <= 1e-5, errors
 
 
+@pytest.mark.slow
 def test_vcop_inference_matches_reference() -> None:
     """Inference mode (`model.eval()`, no dropout, running statistics) on both sides."""
     net = reference_net("vcop", "c3d", res=False).eval()
@@ -305,11 +310,13 @@ def test_vcop_inference_matches_reference() -> None:
 # ----------------------------------------------------------------------------- VCP on residuals
 
 
+@pytest.mark.slow
 def test_vcp_residual_train_step_matches_reference_float32() -> None:
     """[U]'s VCPN(modality='res') (`((torch.roll(x, 1, 2) - x) + 1) / 2`), one step in float32."""
     compare("vcp", "r3d", res=True, dtype=jnp.float32, num_steps=1, tol=F32_TOL)
 
 
+@pytest.mark.slow
 def test_vcp_residual_train_steps_match_reference_float64() -> None:
     with jax.enable_x64(True):
         compare("vcp", "r3d", res=True, dtype=jnp.float64, num_steps=2, tol=F64_TOL)

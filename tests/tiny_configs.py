@@ -29,6 +29,20 @@ def tiny_config(data_dir: Path):
     return config
 
 
+def tiny_vcop_config(data_dir: Path):
+    """`tiny_config` with VCOP as the pretext (configs/pretrain_vcop.py's sections): 3 clips of
+    8 frames 4 apart (a 32-frame tuple), lr 0.01."""
+    from vcp_jax import vcop
+
+    config = tiny_config(data_dir)
+    config.pretext = "vcop"
+    del config["cloze"]
+    config.vcop = vcop.default_config()
+    config.vcop.clip_len = 8
+    config.vcop.interval = 4
+    return config
+
+
 def tiny_finetune_config(data_dir: Path, **overrides):
     """configs/finetune.py on the tiny dataset, shrunk like `tiny_config`; `overrides` by key."""
     from configs import default, finetune

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vcp_jax import checkpointing, config_utils, models
+from vcp_jax import modality as modality_lib
 from vcp_jax.checkpointing import CHECKPOINTS_DIR, CheckpointError, NonFiniteError
 
 BACKBONE = "backbone"  # the name of the backbone's subtree in every model (VCPModel, Classifier)
@@ -71,6 +72,16 @@ class BackboneCheckpoint:
     @property
     def num_params(self) -> int:
         return sum(int(np.prod(v.shape)) for v in self.params.values())
+
+    @property
+    def pretext(self) -> str | None:
+        """The pretext the backbone was pretrained with, when its config records one."""
+        return self.config.get("pretext")
+
+    @property
+    def modality(self) -> modality_lib.InputModality:
+        """The input the backbone was trained on (RGB when its config records none)."""
+        return modality_lib.from_checkpoint_config(self.config)
 
     def describe(self) -> str:
         return (f"{self.arch} width {self.width} backbone ({self.num_params:,} parameters, "
@@ -290,6 +301,7 @@ def resolve_init(
             checkpointing.check_resume_config(stored, config, step=step, where=step_dir,
                                               skip_unset=True)
             _fill_model_config(config, stored["model"], step_dir)
+            _fill_modality(config, modality_lib.from_checkpoint_config(stored))
             return None
         raise CheckpointError(
             f"no checkpoint in {Path(workdir) / CHECKPOINTS_DIR} has a readable "
@@ -305,7 +317,47 @@ def resolve_init(
         )
     if config.model.get("width") is None:
         config.model.width = 64
+    _fill_modality(config, source.modality if source is not None else None,
+                   where=f"the init_from checkpoint {source.path}" if source is not None else "")
     return source
+
+
+def _fill_modality(
+    config: ml_collections.ConfigDict, recorded: modality_lib.InputModality | None, *,
+    where: str = "",
+) -> None:
+    """Completes `config.model.{modality, residual_formula, residual_edge}`.
+
+    Unset (None) keys take the recorded backbone's (`recorded`: the resumed checkpoint's, or
+    the init_from backbone's), else RGB and the pretext's formula. A modality set explicitly
+    that differs from the init_from backbone's is refused (`check_backbone_modality`) unless
+    `config.force_modality`; a resumed run's changes are refused by the resume check.
+    """
+    modality_lib.validate(config, allow_unset=True)  # a bad value named before anything
+    model = config.model
+    pretext = config.get("pretext") or "vcp"
+    given = model.get("modality")
+    formula = model.get("residual_formula")
+    edge = model.get("residual_edge")
+    if recorded is not None and given in (None, recorded.modality):
+        # The recorded backbone's input, where the config leaves a key unset.
+        chosen = modality_lib.InputModality(recorded.modality, formula or recorded.formula,
+                                            edge or recorded.edge)
+    else:
+        chosen = modality_lib.InputModality(
+            given or "rgb", formula or modality_lib.default_formula(pretext), edge or "roll")
+    if where and recorded is not None and (chosen.is_residual or recorded.is_residual):
+        # RGB on both sides: the formula and edge do not apply.
+        chosen = modality_lib.check_backbone_modality(
+            recorded, chosen, force=bool(config.get("force_modality", False)), source=where)
+    with config.unlocked():
+        for key, value in chosen.to_config().items():
+            model[key] = value
+    modality_lib.validate(config)
+    if chosen.is_residual and chosen.edge == "extra_frame":
+        raise config_utils.ConfigError(
+            "config.model.residual_edge='extra_frame' is not wired into the stages yet (the "
+            "input pipeline loads clip_len frames); use 'roll', the reference's")
 
 
 def _fill_model_config(

@@ -37,6 +37,7 @@ from vcp_jax import (
     reporting,
     trainer,
 )
+from vcp_jax import modality as modality_lib
 
 FOLD_DIR = "fold_{}"
 HEADLINE = ("video_top1", "video_top5", "clip_top1")  # averaged over folds
@@ -68,6 +69,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 @dataclasses.dataclass(frozen=True)
 class Task:
     num_classes: int
+    # What the backbone reads (the init_from backbone's, `backbone.resolve_init`); RGB: the
+    # identity, the same program.
+    modality: modality_lib.InputModality = modality_lib.RGB
+
+
+def input_modality(config: ml_collections.ConfigDict) -> modality_lib.InputModality:
+    """The config's modality once `resolve_init` has completed it (RGB when it is unset)."""
+    if config.model.get("modality") is None:
+        return modality_lib.RGB
+    return modality_lib.from_config(config, pretext="finetune")
 
 
 def create_train_state(
@@ -84,7 +95,7 @@ def create_train_state(
     frozen = (trainer.path_has(backbone_lib.BACKBONE) if config.finetune.freeze_backbone
               else None)
     return trainer.create_train_state(model, config, frozen=frozen, axis_name=bn_axis_name,
-                                      task=Task(num_classes))
+                                      task=Task(num_classes, input_modality(config)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,23 +108,24 @@ def calibration_forward(
     ctx: trainer.StepContext | None = None, rng: jax.Array | None = None,
 ) -> jax.Array:
     """The backbone on a batch of training clips, for `bn_calibration` (linear evaluation)."""
-    del index, ctx, rng  # the clips are the batch's own; nothing is drawn on the device
-    return model.backbone(models.to_input(batch["clip"]))
+    del index, rng  # the clips are the batch's own; nothing is drawn on the device
+    modality = ctx.task.modality if ctx is not None else modality_lib.RGB
+    return model.backbone(modality(models.to_input(batch["clip"])))
 
 
 def train_step(
     state: trainer.TrainState, batch: dict[str, jax.Array], ctx: trainer.StepContext
 ) -> tuple[trainer.TrainState, dict[str, jax.Array]]:
     """One SGD step on a batch of clips `(B, T, H, W, C)` with their action labels."""
-    return trainer.classification_update(state, ctx, models.to_input(batch["clip"]),
-                                         batch["label"])
+    return trainer.classification_update(
+        state, ctx, ctx.task.modality(models.to_input(batch["clip"])), batch["label"])
 
 
 def eval_step(
     state: trainer.TrainState, batch: dict[str, jax.Array], ctx: trainer.StepContext
 ) -> dict[str, jax.Array]:
     """Validation sums over the valid clips of a batch: loss, correct, count."""
-    logits = trainer.eval_model(state, ctx)(models.to_input(batch["clip"]))
+    logits = trainer.eval_model(state, ctx)(ctx.task.modality(models.to_input(batch["clip"])))
     valid = batch["valid"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -128,7 +140,8 @@ def test_step(
     """Per video: the mean of its K clips' logits `(B, C)` and how many clips were right `(B,)`."""
     clips = batch["clips"]  # (B, K, T, H, W, C)
     b, k = clips.shape[:2]
-    logits = trainer.eval_model(state, ctx)(models.to_input(clips.reshape(b * k, *clips.shape[2:])))
+    inputs = ctx.task.modality(models.to_input(clips.reshape(b * k, *clips.shape[2:])))
+    logits = trainer.eval_model(state, ctx)(inputs)
     logits = logits.reshape(b, k, -1)
     clip_correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"][:, None], axis=1)
     return {"logits": jnp.mean(logits, axis=1), "clip_correct": clip_correct,
@@ -370,8 +383,10 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
     mode = "linear evaluation" if config.finetune.freeze_backbone else "fine-tuning"
     per_class = config.data.get("train_videos_per_class")
     lr = trainer.effective_learning_rate(config)
+    modality = input_modality(config)
     reporting.console(
-        f"{mode}: {config.model.arch} (width {config.model.width}) on {config.data.name} fold "
+        f"{mode}: {config.model.arch} (width {config.model.width}) on "
+        f"{modality.describe()} of {config.data.name} fold "
         f"{fold}: {data.num_train_videos} train videos"
         + (f" ({per_class} per class)" if per_class is not None else "")
         + f", {data.num_val_videos} held out, {data.num_test_videos} test videos, "
@@ -426,6 +441,8 @@ def run_fold(config: ml_collections.ConfigDict, workdir: Path, fold: int) -> dic
         "num_val_videos": data.num_val_videos,
         "class_names": list(data.class_names),
         "backbone": source.describe() if source is not None else "random init (or resumed)",
+        # The input the backbone read: the init_from backbone's unless set (and forced).
+        "modality": modality.to_config(),
         **({"bn_statistics": bn_statistics} if bn_statistics is not None else {}),
         "label": label,
         "test": test,

@@ -162,6 +162,10 @@ class InputModality:
         return f"residual frames ({formula}{edge})"
 
 
+RGB = InputModality()
+"""The frames as they are: every stage's input unless `model.modality` says otherwise."""
+
+
 def default_formula(pretext: str) -> str:
     """The residual formula the reference uses with a pretext's head: 'vcop' for VCOP, 'vcp' for
     VCP and for everything [U] trains without a pretext (fine-tuning, retrieval from scratch)."""

@@ -1,4 +1,11 @@
-"""The VCP task: pretraining, and the probe (the same task on a frozen backbone).
+"""The pretraining stage (VCP, or VCOP with `config.pretext='vcop'`), and the probe (the same
+task on a frozen backbone).
+
+`config.pretext` selects the task module the stage runs: this one (VCP) or `vcop` (clip order
+prediction); both offer `validate_config`, `create_train_state`, `train_step`, `eval_step` and
+`calibration_forward`, and everything else of the stage (data, `trainer.run_stage`, the report)
+is shared. `config.model.modality='res'` feeds residual frames, computed on the device inside the
+step (VCP: after the cloze, as [U]).
 
 `train_step(state, batch, ctx) -> (state, metrics)` draws the cloze on the device (each tuple's
 key is folded from the step and its position in the global batch, so every parallel strategy
@@ -14,6 +21,8 @@ import copy
 import dataclasses
 import functools
 import re
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,9 @@ from vcp_jax import (
     parallel,
     reporting,
     trainer,
+    vcop,
 )
+from vcp_jax import modality as modality_lib
 
 EVAL_CLOZE_SEED = 0  # the validation cloze keys are fold_in(PRNGKey(0), example index)
 
@@ -45,10 +56,32 @@ EVAL_CLOZE_SEED = 0  # the validation cloze keys are fold_in(PRNGKey(0), example
 # --------------------------------------------------------------------------------------------
 
 
+PRETEXTS = ("vcp", "vcop")  # config.pretext
+
+
+def pretext_of(config: ml_collections.ConfigDict) -> str:
+    """`config.pretext` ('vcp' when absent: configs written before it existed); a
+    `ConfigError` naming the key and the allowed values otherwise."""
+    if config.get("pretext") is None:
+        return "vcp"
+    config_utils.check_choice(config, "pretext", PRETEXTS)
+    return config.pretext
+
+
+def task_module(config: ml_collections.ConfigDict) -> types.ModuleType:
+    """The module of the pretext task the stage runs: `vcop` for 'vcop', else this one (VCP)."""
+    return vcop if pretext_of(config) == "vcop" else sys.modules[__name__]
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the key and the allowed values for anything not allowed."""
     trainer.validate_config(config)
     config_utils.check_choice(config, "model.bn_stats", models.BN_STATS)
+    if pretext_of(config) == "vcop":
+        vcop.validate_config(config)  # config.vcop.*, and the modality
+        return
+    if config.model.get("modality") is not None:
+        modality_lib.validate(config)
     try:
         cloze.validate_config(config.cloze)
     except ValueError as e:
@@ -78,6 +111,8 @@ class Task:
 
     cloze_config: ml_collections.ConfigDict
     num_classes: int
+    # What the backbone reads, applied after the cloze (RGB: the identity, the same program).
+    modality: modality_lib.InputModality = modality_lib.RGB
 
 
 def create_train_state(
@@ -88,7 +123,9 @@ def create_train_state(
 ) -> tuple[trainer.TrainState, trainer.StepContext]:
     """A fresh state (PyTorch-style init from `config.seed`) and the step context."""
     model = create_model(config, rngs=nnx.Rngs(params=config.seed), bn_axis_name=bn_axis_name)
-    task = Task(config.cloze, cloze.num_classes(config.cloze))
+    modality = (modality_lib.from_config(config, pretext="vcp")
+                if config.model.get("modality") is not None else modality_lib.RGB)
+    task = Task(config.cloze, cloze.num_classes(config.cloze), modality)
     return trainer.create_train_state(
         model, config, axis_name=bn_axis_name, task=task,
         frozen=trainer.path_has(backbone_lib.BACKBONE) if frozen_backbone else None,
@@ -118,7 +155,8 @@ def train_step(
     """One SGD step on a batch of tuples: cloze on device, forward, backward, update."""
     keys = trainer.example_keys(state.rng, state.step, batch["clips"].shape[0], ctx.axis_name)
     tuples, labels = cloze_per_sample(keys, batch, ctx.task.cloze_config)
-    return trainer.classification_update(state, ctx, models.to_input(tuples), labels)
+    return trainer.classification_update(state, ctx, ctx.task.modality(models.to_input(tuples)),
+                                         labels)
 
 
 def calibration_forward(
@@ -129,7 +167,7 @@ def calibration_forward(
     `index` (same keys: the probe's own training tuples), for `bn_calibration`."""
     keys = trainer.example_keys(rng, index, batch["clips"].shape[0], ctx.axis_name)
     tuples, _ = cloze_per_sample(keys, batch, ctx.task.cloze_config)
-    inputs = models.to_input(tuples)
+    inputs = ctx.task.modality(models.to_input(tuples))
     return model.backbone(inputs.reshape(-1, *inputs.shape[2:]))
 
 
@@ -140,7 +178,7 @@ def eval_step(
     base = jax.random.PRNGKey(EVAL_CLOZE_SEED)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(batch["index"])
     tuples, labels = cloze_per_sample(keys, batch, ctx.task.cloze_config)
-    logits = trainer.eval_model(state, ctx)(models.to_input(tuples))
+    logits = trainer.eval_model(state, ctx)(ctx.task.modality(models.to_input(tuples)))
     valid = batch["valid"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     predicted = jnp.argmax(logits, -1)
@@ -187,6 +225,35 @@ def summarize_eval(
 # --------------------------------------------------------------------------------------------
 
 
+def tuple_spec(config: ml_collections.ConfigDict) -> tuple[input_pipeline.TupleSpec, str]:
+    """Where the pretext's tuples lie, and the config section that says so ('cloze' or
+    'vcop')."""
+    section = tuple_spec_section(config)
+    if section == "vcop":
+        return vcop.tuple_spec(config), section
+    return input_pipeline.TupleSpec.from_config(config), section
+
+
+def eval_tuples_per_video(config: ml_collections.ConfigDict) -> int:
+    """Validation (and test) tuples drawn per video (`<section>.eval_tuples_per_video`)."""
+    return int(config[tuple_spec_section(config)].get("eval_tuples_per_video", 1))
+
+
+def tuple_spec_section(config: ml_collections.ConfigDict) -> str:
+    return "vcop" if pretext_of(config) == "vcop" else "cloze"
+
+
+def num_clips(config: ml_collections.ConfigDict) -> int:
+    return int(config[tuple_spec_section(config)].num_clips)
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The pretext's classes: the cloze options, or the clip orders ('012', '021', ...)."""
+    if pretext_of(config) == "vcop":
+        return vcop.order_names(config.vcop.num_clips)
+    return cloze.class_names(config.cloze)
+
+
 @dataclasses.dataclass
 class PretrainData:
     """The training stream and the evaluation batches of one host, plus what was left out."""
@@ -214,25 +281,25 @@ def pretrain_data(
     """
     source = datasets.data_source(config.data, "train")
     index = datasets.video_index(source, "train")
-    spec = input_pipeline.TupleSpec.from_config(config)
+    spec, section = tuple_spec(config)
     train_idx, val_idx = datasets.holdout_split(len(index), config.data.num_val_videos, seed=0)
     long_enough = index.num_frames >= spec.span
     num_too_short = int((~long_enough).sum())
     train_idx = train_idx[long_enough[train_idx]]
     val_idx = val_idx[long_enough[val_idx]]
     if len(train_idx) == 0:
-        c = config.cloze
+        c = config[section]
         raise config_utils.ConfigError(
             f"no training video of {config.data.name}/{config.data.builder_config} has the "
-            f"{spec.span} frames a tuple needs (config.cloze.num_clips={c.num_clips} x "
-            f"config.cloze.clip_len={c.clip_len} + {c.num_clips - 1} x "
-            f"config.cloze.interval={c.interval}); the longest has "
+            f"{spec.span} frames a tuple needs (config.{section}.num_clips={c.num_clips} x "
+            f"config.{section}.clip_len={c.clip_len} + {c.num_clips - 1} x "
+            f"config.{section}.interval={c.interval}); the longest has "
             f"{int(index.num_frames.max(initial=0))}")
     shard = dict(process_index=process_index, process_count=process_count)
     sampler = input_pipeline.TupleSampler(source, spec)
     train = input_pipeline.train_stream(train_idx, sampler, global_batch=config.batch_size,
                                         seed=config.seed, **shard)
-    draws = config.cloze.eval_tuples_per_video
+    draws = eval_tuples_per_video(config)
     val = input_pipeline.eval_batches(val_idx, sampler, global_batch=config.batch_size,
                                       draws_per_video=draws, **shard)
     described = {"train": datasets.describe(config.data, "train", index, train_idx),
@@ -261,21 +328,26 @@ def evaluate(
     state: Any, batches: Any, eval_fn: Any, strategy: parallel.Strategy,
     config: ml_collections.ConfigDict, prefix: str = "val",
 ) -> dict[str, Any]:
-    """VCP loss and accuracy on every tuple of `batches` (deterministic tuples and options)."""
+    """The pretext's loss and accuracy on every tuple of `batches` (deterministic tuples, and
+    options or orders)."""
     iterator = input_pipeline.make_iterator(batches, config, prefetch_processes=False)
     sums = parallel.accumulate(state, iterator, eval_fn, strategy)
+    if pretext_of(config) == "vcop":
+        return vcop.summarize_eval(sums, config.vcop.num_clips, prefix)
     return summarize_eval(sums, cloze.class_names(config.cloze), prefix)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """VCP pretraining (`config.task='pretrain'`); resumes from the last checkpoint in `workdir`."""
+    """Pretraining (`config.task='pretrain'`) with `config.pretext`; resumes from the last
+    checkpoint in `workdir`."""
     return train_vcp(config, Path(workdir), frozen_backbone=False)
 
 
 def train_vcp(
     config: ml_collections.ConfigDict, workdir: Path, *, frozen_backbone: bool
 ) -> dict[str, Any]:
-    """Trains the VCP model (the probe: only its head) and writes `metrics.json`.
+    """Trains the pretext's model, VCP or VCOP (`config.pretext`; the probe: only its head),
+    and writes `metrics.json`.
 
     With `frozen_backbone` (the probe) the backbone comes from `init_from` (or stays random),
     never trains, and the final report is on the test split's tuples, from the checkpoint with
@@ -284,6 +356,7 @@ def train_vcp(
     workdir = Path(workdir).expanduser()
     config = copy.deepcopy(config)  # filled in below (arch and width from init_from)
     config_utils.migrate_deprecated_keys(config)
+    task = task_module(config)
     source = backbone_lib.resolve_init(config, workdir)
     validate_config(config)
     if config.get("num_train_steps") is None:
@@ -297,13 +370,15 @@ def train_vcp(
     datasets.prepare(config.data)
     data = pretrain_data(config, process_index=jax.process_index(),
                          process_count=jax.process_count(), with_test=frozen_backbone)
-    what = "VCP probe" if frozen_backbone else "VCP pretraining"
+    pretext = pretext_of(config).upper()
+    modality = modality_lib.from_config(config, pretext=pretext_of(config))
+    draws = eval_tuples_per_video(config)
+    what = f"{pretext} probe" if frozen_backbone else f"{pretext} pretraining"
     reporting.console(
-        f"{what}: {config.model.arch} (width {config.model.width}) on "
-        f"{data.num_train_videos} videos of {config.data.name}/{config.data.builder_config}, "
-        f"validating on {data.num_val_videos}"
-        + (f" (x{config.cloze.eval_tuples_per_video} tuples)"
-           if config.cloze.eval_tuples_per_video > 1 else "")
+        f"{what}: {config.model.arch} (width {config.model.width}) on {modality.describe()} "
+        f"of {data.num_train_videos} videos of {config.data.name}/"
+        f"{config.data.builder_config}, validating on {data.num_val_videos}"
+        + (f" (x{draws} tuples)" if draws > 1 else "")
         + (f", testing on {data.num_test_videos}" if frozen_backbone else "")
         + (f" ({data.num_too_short} too short for a tuple, skipped)" if data.num_too_short
            else "")
@@ -311,22 +386,26 @@ def train_vcp(
 
     run = trainer.run_stage(
         config, workdir, source=source,
-        create_state=lambda axis: create_train_state(config, bn_axis_name=axis,
-                                                     frozen_backbone=frozen_backbone),
-        train=data.train, train_step=train_step, eval_step=eval_step,
+        create_state=lambda axis: task.create_train_state(config, bn_axis_name=axis,
+                                                          frozen_backbone=frozen_backbone),
+        train=data.train, train_step=task.train_step, eval_step=task.eval_step,
         evaluate=lambda s, fn, strategy: evaluate(s, data.val, fn, strategy, config),
         provenance_data=data.provenance, desc=what,
         # The probe's frozen backbone normalises with its running statistics, re-estimated on
         # its training tuples for a random backbone (config.bn_recalibration).
-        calibration_forward=calibration_forward if frozen_backbone else None,
-        clips_per_batch=config.batch_size * config.cloze.num_clips,
+        calibration_forward=task.calibration_forward if frozen_backbone else None,
+        clips_per_batch=config.batch_size * num_clips(config),
         restore_best=frozen_backbone)
     result, strategy, eval_fn = run.loop, run.strategy, run.eval_fn
     val_metrics = result.val_metrics or evaluate(result.state, data.val, eval_fn, strategy,
                                                  config)
-    names = cloze.class_names(config.cloze)
+    names = class_names(config)
     final: dict[str, Any] = {
         "task": config.task,
+        "pretext": pretext_of(config),
+        # The input the backbone read (model.modality, residual_formula, residual_edge), as
+        # its checkpoint records it for the stages that start from it.
+        "modality": modality.to_config(),
         "step": config.num_train_steps,
         **val_metrics,
         "best_checkpoint_step": result.best_step,
@@ -335,7 +414,7 @@ def train_vcp(
         "num_val_videos": data.num_val_videos,
         "num_too_short": data.num_too_short,
         "chance_accuracy": 1.0 / run.ctx.task.num_classes,
-        "option_names": list(names),
+        ("order_names" if pretext == "VCOP" else "option_names"): list(names),
         "loop_timing": result.timing,  # this run's loop (a resumed run: since the resume)
     }
     if frozen_backbone:
@@ -344,17 +423,18 @@ def train_vcp(
         final["num_test_videos"] = data.num_test_videos
         final["backbone"] = source.describe() if source is not None else "random init"
         final["bn_statistics"] = run.bn_statistics
-        title = (f"VCP probe, {config.data.name}/{config.data.builder_config} test tuples "
+        title = (f"{pretext} probe, {config.data.name}/{config.data.builder_config} test tuples "
                  f"({test.get('test_tuples', 0)}), step {run.chosen_step}")
         reporting.plot_confusion(workdir / "confusion.png", np.asarray(test["test_confusion"]),
                                  names, title)
     reporting.write_json(workdir / "metrics.json", final)
     key = "test" if frozen_backbone else "val"
-    per_option = ", ".join(f"{n} {final.get(f'{key}_accuracy/{n}', float('nan')):.2f}"
-                           for n in names)
+    per_class = ", ".join(f"{n} {final.get(f'{key}_accuracy/{n}', float('nan')):.2f}"
+                          for n in names)
     reporting.console(
-        f"{'test' if frozen_backbone else 'held-out'} VCP accuracy "
-        f"{final.get(f'{key}_vcp_accuracy', float('nan')):.3f} "
-        f"(chance {final['chance_accuracy']:.3f}); per option: {per_option}\n"
+        f"{'test' if frozen_backbone else 'held-out'} {pretext} accuracy "
+        f"{final.get(f'{key}_{pretext.lower()}_accuracy', float('nan')):.3f} "
+        f"(chance {final['chance_accuracy']:.3f}); "
+        f"per {'order' if pretext == 'VCOP' else 'option'}: {per_class}\n"
         f"metrics: {workdir / 'metrics.json'}")
     return final

@@ -54,8 +54,10 @@ from vcp_jax import (
     reporting,
     stats,
 )
+from vcp_jax import modality as modality_lib
 
 FEATURES = ("conv5", "pooled")
+MERGES = ("mean", "concat")  # retrieval.merge: of the L2-normalised features of two backbones
 POOL = (1, 2, 2)  # max-pool window and stride over (T, H, W) of the conv5 map
 EXAMPLE_NEIGHBOURS = 5  # nearest gallery videos shown per example query
 
@@ -78,6 +80,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     input_pipeline.validate_config(config)
     config_utils.check_choice(config, "data.name", datasets.DATASETS)
     config_utils.check_choice(config, "retrieval.feature", FEATURES)
+    if config.retrieval.get("merge_with"):
+        config_utils.check_choice(config, "retrieval.merge", MERGES)
     bn_calibration.validate_config(config)
     for key in ("retrieval.clip_len", "retrieval.num_clips", "retrieval.chunk_size"):
         config_utils.check_positive(config, key)
@@ -150,14 +154,16 @@ def create_embedder(
 
 
 def feature_step(
-    state: State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+    state: State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
+    modality: modality_lib.InputModality = modality_lib.RGB,
 ) -> dict[str, jax.Array]:
     """A batch of videos -> `features` `(B, D)` float32, with `label`, `index` and `valid`.
 
-    `batch['clips']`: `(B, K, T, S, S, 3)` uint8. Per-example outputs (no cross-device
-    reduction), for `parallel.gather`.
+    `batch['clips']`: `(B, K, T, S, S, 3)` uint8, fed as `modality` says (the backbone's
+    input: RGB, or residual frames). Per-example outputs (no cross-device reduction), for
+    `parallel.gather`.
     """
-    features = nnx.merge(graphdef, *state)(models.to_input(batch["clips"]))
+    features = nnx.merge(graphdef, *state)(modality(models.to_input(batch["clips"])))
     return {"features": features, "label": batch["label"], "index": batch["index"],
             "valid": batch["valid"]}
 
@@ -188,11 +194,13 @@ def calibration_batches(
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def calibration_forward(model: nnx.Module, batch: dict[str, jax.Array], index: jax.Array
-                        ) -> jax.Array:
-    """An `Embedder`'s backbone on a batch of clips, with the features' input scaling."""
+def calibration_forward(
+    model: nnx.Module, batch: dict[str, jax.Array], index: jax.Array, *,
+    modality: modality_lib.InputModality = modality_lib.RGB,
+) -> jax.Array:
+    """An `Embedder`'s backbone on a batch of clips, with the features' input (`modality`)."""
     del index  # the clips are the batch's own; nothing is drawn on the device
-    return model.backbone(models.to_input(batch["clip"]))
+    return model.backbone(modality(models.to_input(batch["clip"])))
 
 
 def video_batches(
@@ -460,6 +468,68 @@ def write_outputs(
     reporting.write_json(workdir / "retrieval.json", results)
 
 
+@dataclasses.dataclass
+class PreparedBackbone:
+    """One backbone ready to embed videos: its embedder, input and description."""
+
+    config: ml_collections.ConfigDict  # resolved (arch, width, modality)
+    source: backbone_lib.BackboneCheckpoint | None
+    modality: modality_lib.InputModality
+    graphdef: nnx.GraphDef
+    state: State
+    dim: int
+    origin: str
+
+
+def _prepare_backbone(config: ml_collections.ConfigDict,
+                      source: backbone_lib.BackboneCheckpoint | None) -> PreparedBackbone:
+    modality = modality_lib.from_config(config, pretext="retrieval")  # resolve_init's
+    graphdef, state = create_embedder(config, source)
+    origin = (source.describe() if source is not None else
+              f"randomly initialised {config.model.arch} width {config.model.width} backbone "
+              f"(seed {config.seed})")
+    return PreparedBackbone(config, source, modality, graphdef, state,
+                            feature_dim(graphdef, state, config), origin)
+
+
+def _embed_both(
+    backbone: PreparedBackbone, config: ml_collections.ConfigDict, gallery: Split,
+    queries: Split, strategy: parallel.Strategy,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
+    """(gallery features, query features, BatchNorm record) of one backbone."""
+    state = backbone.state
+    # Inference-mode BatchNorm with a random backbone's initial statistics (mean 0, var 1)
+    # makes every video's feature nearly the same; config.bn_recalibration re-estimates them
+    # on the gallery (train split) clips first. 'never' keeps the reference code's protocol.
+    new_stats, bn_statistics = bn_calibration.recalibrate(
+        config, nnx.merge(backbone.graphdef, *state),
+        calibration_batches(config, gallery.source, len(gallery)),
+        functools.partial(calibration_forward, modality=backbone.modality), strategy,
+        clips_per_batch=config.batch_size,
+        origin="random" if backbone.source is None else "init_from")
+    if new_stats is not None:
+        state = (state[0], new_stats)
+    step_fn = strategy.compile(
+        functools.partial(feature_step, graphdef=backbone.graphdef, modality=backbone.modality),
+        donate_state=False)
+    placed = strategy.put_state(state)
+    for name, split in (("gallery", gallery), ("query", queries)):
+        embed_split(split, placed, step_fn, strategy, config, desc=f"{name} features",
+                    origin=backbone.origin)
+    return gallery.features, queries.features, bn_statistics
+
+
+def merge_features(features: Sequence[np.ndarray], how: str) -> np.ndarray:
+    """Several backbones' features of the same videos `(N, D_i)` as one: each L2-normalised,
+    then their mean ('mean', all D_i equal) or their concatenation ('concat')."""
+    unit = [np.asarray(l2_normalize(jnp.asarray(f, jnp.float32))) for f in features]
+    if how == "mean":
+        return np.mean(unit, axis=0)
+    if how == "concat":
+        return np.concatenate(unit, axis=1)
+    raise ValueError(f"unknown merge {how!r}; expected one of {MERGES}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Retrieval (`config.task='retrieval'`): test videos against train videos, top-k accuracy.
 
@@ -477,47 +547,65 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         backbone_lib.check_fold(
             source, dataset=config.data.name, fold=datasets.fold_of(config.data),
             builder_config_of=functools.partial(datasets.with_fold, config.data))
-    graphdef, state = create_embedder(config, source)
-    dim = feature_dim(graphdef, state, config)
+    first = _prepare_backbone(config, source)
+    second = None
+    if config.retrieval.get("merge_with"):
+        # The other backbone (e.g. the residual-frame one next to an RGB one): its own
+        # architecture and modality, from its checkpoint.
+        other = copy.deepcopy(config)
+        other.init_from = config.retrieval.merge_with
+        for key in ("arch", "width", "modality", "residual_formula", "residual_edge"):
+            other.model[key] = None
+        other_source = backbone_lib.resolve_init(other, workdir)
+        backbone_lib.check_fold(
+            other_source, dataset=config.data.name, fold=datasets.fold_of(config.data),
+            builder_config_of=functools.partial(datasets.with_fold, config.data))
+        second = _prepare_backbone(other, other_source)
+    backbones = [first] + ([second] if second is not None else [])
+    dim = (sum(b.dim for b in backbones) if second is not None
+           and config.retrieval.merge == "concat" else first.dim)
+    if second is not None and config.retrieval.merge == "mean" and second.dim != first.dim:
+        raise config_utils.ConfigError(
+            f"config.retrieval.merge='mean' needs features of one size; the backbones give "
+            f"{first.dim:,} and {second.dim:,}: use config.retrieval.merge='concat'")
     settings, fold = config.retrieval, datasets.fold_of(config.data)
-    origin = (source.describe() if source is not None else
-              f"randomly initialised {config.model.arch} width {config.model.width} backbone "
-              f"(seed {config.seed})")
+    origin = first.origin
 
     datasets.prepare(config.data)
     queries, gallery = open_split(config.data, "test"), open_split(config.data, "train")
     if not len(gallery):
         raise config_utils.UserError(
             f"{config.data.name}/{config.data.builder_config} has no train videos to retrieve")
+    merged = (f"; merged ({settings.merge} of the L2-normalised features) with the "
+              f"{second.origin} on {second.modality.describe()}" if second is not None else "")
     reporting.console(
         f"retrieval on {config.data.name}/{config.data.builder_config} (fold {fold}): "
         f"{len(queries)} test videos as queries, {len(gallery)} train videos as the gallery; "
         f"{settings.feature} features ({dim:,}-d), mean of {settings.num_clips} clips of "
-        f"{settings.clip_len} frames; the {origin}")
+        f"{settings.clip_len} frames of {first.modality.describe()}; the {origin}{merged}")
     workdir.mkdir(parents=True, exist_ok=True)
     provenance.write(workdir, config, init_from=source, data={
         name: datasets.describe(config.data, s.split, s.index, np.arange(len(s)))
         for name, s in (("queries", queries), ("gallery", gallery))})
 
     strategy = parallel.make_strategy(config.parallel)
-    # Inference-mode BatchNorm with a random backbone's initial statistics (mean 0, var 1)
-    # makes every video's feature nearly the same; config.bn_recalibration re-estimates them
-    # on the gallery (train split) clips first. 'never' keeps the reference code's protocol.
-    new_stats, bn_statistics = bn_calibration.recalibrate(
-        config, nnx.merge(graphdef, *state), calibration_batches(config, gallery.source,
-                                                                 len(gallery)),
-        calibration_forward, strategy, clips_per_batch=config.batch_size,
-        origin="random" if source is None else "init_from")
-    if new_stats is not None:
-        state = (state[0], new_stats)
-    step_fn = strategy.compile(functools.partial(feature_step, graphdef=graphdef),
-                               donate_state=False)
-    placed = strategy.put_state(state)
-    for name, split in (("gallery", gallery), ("query", queries)):
-        embed_split(split, placed, step_fn, strategy, config, desc=f"{name} features",
-                    origin=origin)
-
+    each = []  # per backbone: (gallery features, query features, bn_statistics)
+    for backbone in backbones:
+        each.append(_embed_both(backbone, config, gallery, queries, strategy))
+    bn_statistics = each[0][2]
     topk = tuple(int(k) for k in settings.topk)
+    accuracy_each = []
+    if second is not None:
+        for gallery_features, query_features, _ in each:
+            _, alone = topk_neighbours(query_features, gallery_features, max(topk),
+                                       settings.chunk_size)
+            accuracy_each.append(topk_accuracy(alone, queries.index.labels,
+                                               gallery.index.labels, topk))
+        gallery.features = merge_features([e[0] for e in each], settings.merge)
+        queries.features = merge_features([e[1] for e in each], settings.merge)
+    else:
+        gallery.features, queries.features = each[0][0], each[0][1]
+
     sims, neighbours = topk_neighbours(queries.features, gallery.features, max(topk),
                                        settings.chunk_size)
     accuracy = topk_accuracy(neighbours, queries.index.labels, gallery.index.labels, topk)
@@ -538,6 +626,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         "crop_size": config.data.crop_size,
         "similarity": "cosine",
         "backbone": origin,
+        "modality": first.modality.to_config(),  # the backbone's input (init_from's unless set)
+        # With retrieval.merge_with: the second backbone, how the features were merged, and
+        # each backbone's top-k alone (in %, next to the merged `topk_percent`).
+        **({"merged_with": {
+            "backbone": second.origin, "modality": second.modality.to_config(),
+            "merge": settings.merge, "feature_dims": [b.dim for b in backbones],
+            "topk_percent_each": [{str(k): 100 * v for k, v in a.items()}
+                                  for a in accuracy_each]}} if second is not None else {}),
         "bn_statistics": bn_statistics,
         "topk": {str(k): v for k, v in accuracy.items()},  # fractions of the queries
         "topk_percent": {str(k): 100 * v for k, v in accuracy.items()},

@@ -87,7 +87,12 @@ def num_classes(num_clips: int = 3) -> int:
 
 def default_config() -> ml_collections.ConfigDict:
     """The `vcop` section of a VCOP pretraining config ([V]'s `--cl 16 --it 8 --tl 3`)."""
-    return ml_collections.ConfigDict({"clip_len": 16, "interval": 8, "num_clips": 3})
+    config = ml_collections.ConfigDict()
+    config.clip_len = 16  # frames per clip ([V] --cl)
+    config.interval = 8  # frames between consecutive clips of a tuple ([V] --it)
+    config.num_clips = 3  # clips per tuple ([V] --tl); num_clips! orders to tell apart
+    config.eval_tuples_per_video = 1  # held-out tuples per validation video (orders by index)
+    return config
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -119,7 +124,8 @@ def tuple_spec(config: ml_collections.ConfigDict) -> input_pipeline.TupleSpec:
 
     With residual input from T + 1 frames (`model.residual_edge='extra_frame'`) each clip starts
     one frame earlier and is one frame longer; the tuple start is then drawn from frame 1 on,
-    which the sampler does not do yet (the stage must shift the span: a TODO of the wiring).
+    which the sampler does not do yet: the stages refuse 'extra_frame' for now
+    (`backbone.resolve_init`).
     """
     section = config.vcop
     return input_pipeline.TupleSpec(

@@ -1,0 +1,9 @@
+"""VCOP pretraining of R(2+1)D on UCF101 split 1 with [V]'s recipe (configs/pretrain_vcop.py)."""
+
+import ml_collections
+
+from configs import pretrain_vcop
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return pretrain_vcop.get_config("r21d")
