@@ -220,6 +220,21 @@ def save_backbone(
     `nnx.state(backbone, nnx.Param).to_pure_dict()` gives them. `config` must name
     `model.arch` and `model.width`. Returns the step folder.
     """
+    return save_model(workdir, params={BACKBONE: dict(params)},
+                      batch_stats={BACKBONE: dict(batch_stats)}, config=config, step=step)
+
+
+def save_model(
+    workdir: str | Path,
+    *,
+    params: Mapping[str, Any],
+    batch_stats: Mapping[str, Any],
+    config: ml_collections.ConfigDict | Mapping[str, Any],
+    step: int = 0,
+) -> Path:
+    """`save_backbone` for a whole model's nested pure dicts (the backbone under `BACKBONE`,
+    a head beside it): stages read the backbone alone with a partial restore. Returns the step
+    folder."""
     if isinstance(config, ml_collections.ConfigDict):
         config = checkpointing.config_to_dict(config)
     directory = Path(workdir).expanduser().absolute() / CHECKPOINTS_DIR
@@ -230,7 +245,7 @@ def save_backbone(
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
     ) as manager:
-        state = {"params": {BACKBONE: dict(params)}, "batch_stats": {BACKBONE: dict(batch_stats)}}
+        state = {"params": dict(params), "batch_stats": dict(batch_stats)}
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
             config=ocp.args.JsonSave(dict(config)),

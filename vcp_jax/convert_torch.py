@@ -385,25 +385,7 @@ def save_checkpoint(out: str | Path, *, params: Mapping[str, Any],
     the backbone: `params` / `batch_stats` are the whole model's nested pure dicts. Stages that
     start from it read the backbone alone (`load_backbone`, a partial restore), `load_head`
     the head. Returns the step folder."""
-    if HEAD not in params:
-        return backbone_lib.save_backbone(
-            out, params=params[backbone_lib.BACKBONE],
-            batch_stats=batch_stats[backbone_lib.BACKBONE], config=config)
-    directory = Path(out).expanduser().absolute() / checkpointing.CHECKPOINTS_DIR
-    write_errors = checkpointing.storage_errors(f"cannot write the checkpoint in {directory}")
-    with write_errors, ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()},
-    ) as manager:
-        state = {"params": dict(params), "batch_stats": dict(batch_stats)}
-        manager.save(0, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
-            config=ocp.args.JsonSave(dict(config)),
-        ))
-        manager.wait_until_finished()
-    return directory / "0"
+    return backbone_lib.save_model(out, params=params, batch_stats=batch_stats, config=config)
 
 
 def load_head(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
