@@ -188,6 +188,36 @@ def test_a_stage_is_reused_only_with_the_config_it_ran_with(
     assert "no recorded config" in capsys.readouterr().out
 
 
+def test_init_overrides_set_one_inits_stage_and_name_a_wrong_key(tmp_path: Path) -> None:
+    """`config.init_overrides`: the demo's per-init fine-tuning rates reach exactly those two
+    stages (linear evaluation keeps its own rate), and a wrong key is named."""
+    from configs import demo as demo_config
+    from vcp_jax import config_utils
+
+    config = demo_config.get_config("size=tiny")
+    stages = demo.stage_configs(config, tmp_path)
+    assert stages["finetune_vcp"].optimizer.learning_rate == 0.3
+    assert stages["finetune_random"].optimizer.learning_rate == 0.03
+    assert stages["linear_vcp"].optimizer.learning_rate == \
+        stages["linear_random"].optimizer.learning_rate == config.linear.optimizer.learning_rate
+    # Everything else of the two fine-tuning stages is the same.
+    vcp, random = (stages[f"finetune_{i}"].to_dict() for i in ("vcp", "random"))
+    for run in (vcp, random):
+        run.pop("init_from", None)
+        run["optimizer"].pop("learning_rate")
+    assert vcp == random
+
+    for bad, message in (
+            ({"pretrained": {"finetune": {"optimizer": {"lr": 1.0}}}},
+             "config.init_overrides.pretrained.finetune.optimizer.lr: the stage has no key"),
+            ({"vcp": {}}, "config.init_overrides.vcp: choose one of ('pretrained', 'random')"),
+            ({"random": {"pretrain": {"seed": 1}}},
+             "config.init_overrides.random.pretrain: not a stage with two inits")):
+        config.init_overrides = bad
+        with pytest.raises(config_utils.ConfigError, match=re.escape(message)):
+            demo.stage_configs(config, tmp_path)
+
+
 @pytest.mark.slow
 def test_quickstart_notebook_runs_without_errors(tmp_path: Path, tiny_demo_cache: Path) -> None:
     """notebooks/quickstart.ipynb top to bottom, smallest setting (the demo's cache reused)."""

@@ -46,6 +46,8 @@ REPORT = "report.md"
 # it starts from), compared before a finished stage is reused or an interrupted one resumed.
 STAGE_RECORD = "demo_stage.json"
 STALE_SUFFIX = ".stale"
+# `config.init_overrides` keys and the stage-name suffix of that init's runs.
+INIT_SUFFIXES = {"pretrained": "vcp", "random": "random"}
 
 
 def _with_cache(node: Any, cache: str) -> Any:
@@ -88,7 +90,40 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: Path) -> dict[str,
         stages[f"{name}_vcp"] = copy.deepcopy(stage)
         stages[f"{name}_vcp"].init_from = vcp
         stages[f"{name}_random"] = copy.deepcopy(stage)
+    _apply_init_overrides(stages, config.get("init_overrides"))
     return stages
+
+
+def _apply_init_overrides(stages: dict[str, Any], overrides: Any) -> None:
+    """`config.init_overrides.<init>.<stage>`: settings of one init's copy of a stage.
+
+    Each init gets the settings it does best with, chosen on validation data: a pretrained
+    backbone and a random one need not want the same fine-tuning rate (docs/demo.md), and
+    comparing both at one rate would measure the rate as much as the init.
+    """
+    if not overrides:
+        return
+    for init, partials in overrides.items():
+        if init not in INIT_SUFFIXES:
+            raise config_utils.ConfigError(
+                f"config.init_overrides.{init}: choose one of {tuple(INIT_SUFFIXES)}")
+        for stage, partial in (partials or {}).items():
+            name = f"{stage}_{INIT_SUFFIXES[init]}"
+            if name not in stages:
+                raise config_utils.ConfigError(
+                    f"config.init_overrides.{init}.{stage}: not a stage with two inits; choose "
+                    f"one of {tuple(s.rsplit('_', 1)[0] for s in STAGES if s.endswith('_vcp'))}")
+            _merge(stages[name], partial, f"config.init_overrides.{init}.{stage}")
+
+
+def _merge(target: ml_collections.ConfigDict, partial: Any, where: str) -> None:
+    for key, value in partial.items():
+        if key not in target:
+            raise config_utils.ConfigError(f"{where}.{key}: the stage has no key {key!r}")
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            _merge(target[key], value, f"{where}.{key}")
+        else:
+            target[key] = value
 
 
 def runners() -> dict[str, Callable[[ml_collections.ConfigDict, Path], dict[str, Any]]]:
@@ -136,6 +171,14 @@ def run_stage(stages: dict[str, Any], name: str, workdir: str | Path) -> dict[st
     `<name>.stale` and the stage runs from scratch.
     """
     return _stage(stages, name, Path(workdir).expanduser(), "")[0]
+
+
+def stage_changes(stages: dict[str, Any], name: str, workdir: str | Path) -> list[str]:
+    """What in `<workdir>/<name>`'s record differs from `stages[name]` (its config, or a rerun
+    of the stage it starts from), named as `run_stage` names them before rerunning it; [] when
+    nothing differs or the folder is absent or empty. For a caller that may only read a run."""
+    workdir = Path(workdir).expanduser()
+    return _changed_keys(workdir / name, _stage_identity(stages, name, workdir))
 
 
 def _stage(stages: dict[str, Any], name: str, workdir: Path,
@@ -482,6 +525,9 @@ def render_report(
     """report.md: what ran, the comparison table, and the plots (written beside it)."""
     plots = _plots(workdir, results)
     ft = results.get("finetune_vcp", {})
+    stages = stage_configs(config, workdir)
+    rates = {init: stages[f"finetune_{init}"].optimizer.learning_rate
+             for init in ("vcp", "random")}
     pre = config.pretrain
     lin = config.get("linear")
     linear = (f" Linear evaluation: a classifier on each frozen backbone, same videos, "
@@ -495,7 +541,8 @@ def render_report(
         f"({pre.data.name}/{pre.data.builder_config}), {pre.num_train_steps} steps of "
         f"{pre.batch_size} tuples. Fine-tuning: {ft.get('num_train_videos', '?')} labelled "
         f"videos of another synthetic dataset ({config.finetune.data.name}), "
-        f"{config.finetune.num_train_steps} steps, tested on "
+        f"{config.finetune.num_train_steps} steps at peak learning rate {rates['vcp']} from "
+        f"VCP and {rates['random']} from random init, tested on "
         f"{ft.get('test', {}).get('num_test_videos', '?')} held-out videos "
         f"({ft.get('test', {}).get('averaging', '')}).{linear} Seed {config.seed}.",
         "",
