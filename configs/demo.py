@@ -1,6 +1,6 @@
 """The built-in demo: does VCP pretraining beat random init? Every stage, on synthetic videos.
 
-    python main.py --config configs/demo.py --workdir /tmp/vcp_demo   # ~15 min, 2 busy CPU cores
+    python main.py --config configs/demo.py --workdir /tmp/vcp_demo   # ~6 min on 2 quiet CPU cores
     python main.py --config configs/demo.py:size=tiny --workdir /tmp/tiny    # the CI test
     python main.py --config configs/demo.py:fold=2 --workdir /tmp/vcp_val   # validation fold
 
