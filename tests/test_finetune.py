@@ -131,8 +131,7 @@ def test_video_level_accuracy_from_clip_logits() -> None:
 
 def test_init_from_puts_exactly_the_backbone_in(tiny_dataset: Path, pretrained: Path,
                                                 tmp_path: Path) -> None:
-    config = finetune_config(tiny_dataset, init_from=str(pretrained))
-    config.model.arch, config.model.width = None, None  # taken from the checkpoint
+    config = finetune_config(tiny_dataset, pretrained=pretrained)
     source = backbone_lib.resolve_init(config, tmp_path / "new_workdir")
     assert (config.model.arch, config.model.width) == ("r3d", 4)
     assert source.dropped == ("head",)
@@ -303,8 +302,7 @@ def test_frozen_backbone_gets_no_gradient(tiny_dataset: Path) -> None:
 @pytest.mark.slow
 def test_finetune_run_from_a_pretraining_workdir(tiny_dataset: Path, pretrained: Path,
                                                  tmp_path: Path) -> None:
-    config = finetune_config(tiny_dataset, init_from=str(pretrained))
-    config.model.arch, config.model.width = None, None
+    config = finetune_config(tiny_dataset, pretrained=pretrained)
     result = finetune.run(config, tmp_path / "ft")
     assert result["fold"] == 1 and result["best_checkpoint_step"] in (1, 2)
     test = result["test"]

@@ -21,13 +21,6 @@ def _stored_config(workdir: Path) -> dict:
     return checkpointing.read_config(step_dir)
 
 
-def _finetune_from(data_dir: Path, pretrained: Path, **overrides) -> dict:
-    config = tiny_finetune_config(data_dir, init_from=str(pretrained), **overrides)
-    config.model.arch, config.model.width = None, None
-    config.num_train_steps = 1
-    return config
-
-
 @pytest.fixture(scope="module")
 def saved_backbones(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
                     ) -> dict[str, Path]:
@@ -77,7 +70,8 @@ def test_vcop_pretraining_reports_per_order_accuracy_and_fine_tunes(
 
     # Its backbone fine-tunes through init_from like VCP's; the head is reported as not loaded.
     capsys.readouterr()
-    result = finetune.run(_finetune_from(tiny_dataset, vcop_pretrained), tmp_path / "ft")
+    config = tiny_finetune_config(tiny_dataset, pretrained=vcop_pretrained, num_train_steps=1)
+    result = finetune.run(config, tmp_path / "ft")
     out = capsys.readouterr().out
     assert "loaded the r3d width 4 backbone" in out and "not loaded: head" in out
     assert 0 <= result["test"]["video_top1"] <= 1
@@ -120,7 +114,7 @@ def test_residual_pretraining_fine_tunes_on_residual_frames(
                                    "residual_edge": "roll"}
     assert _stored_config(res_pretrained)["model"]["modality"] == "res"
     # Fine-tuning leaves model.modality unset: the checkpoint's is applied.
-    config = _finetune_from(tiny_dataset, res_pretrained)
+    config = tiny_finetune_config(tiny_dataset, pretrained=res_pretrained, num_train_steps=1)
     assert config.model.modality is None
     result = finetune.run(config, tmp_path / "ft")
     assert result["modality"]["modality"] == "res"
@@ -133,7 +127,7 @@ def test_a_modality_mismatch_is_refused_unless_forced(
     tiny_dataset: Path, saved_backbones: dict[str, Path], tmp_path: Path
 ) -> None:
     res_pretrained = saved_backbones["res"]
-    config = _finetune_from(tiny_dataset, res_pretrained)
+    config = tiny_finetune_config(tiny_dataset, pretrained=res_pretrained, num_train_steps=1)
     config.model.modality = "rgb"
     with pytest.raises(modality_lib.ModalityMismatchError,
                        match=r"residual frames.*RGB frames.*config\.force_modality"):
@@ -143,7 +137,7 @@ def test_a_modality_mismatch_is_refused_unless_forced(
     config.model.modality = "res"
     assert backbone_lib.resolve_init(config, tmp_path / "ft2") is not None
     assert config.model.residual_formula == "vcp"
-    config = _finetune_from(tiny_dataset, res_pretrained)
+    config = tiny_finetune_config(tiny_dataset, pretrained=res_pretrained, num_train_steps=1)
     config.model.modality = "rgb"
     config.force_modality = True
     backbone_lib.resolve_init(config, tmp_path / "ft3")

@@ -16,7 +16,7 @@ from flax import nnx
 
 from configs import default as default_config
 from vcp_jax import backbone as backbone_lib
-from vcp_jax import config_utils, models, trainer, vcop
+from vcp_jax import config_utils, models, pretrain, trainer, vcop
 from vcp_jax import modality as modality_lib
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -191,7 +191,7 @@ def test_train_and_eval_steps() -> None:
     sums = jax.jit(functools.partial(vcop.eval_step, ctx=ctx),
                    compiler_options=_FAST_COMPILE)(new_state, eval_batch)
     assert float(sums["count"]) == 6 and float(sums["order_count"].sum()) == 6
-    summary = vcop.summarize_eval(jax.device_get(sums))
+    summary = pretrain.summarize_eval(jax.device_get(sums), vcop.order_names(), pretext="vcop")
     assert summary["val_tuples"] == 6 and "val_accuracy/210" in summary
     assert sum(map(sum, summary["val_confusion"])) == 6
 

@@ -43,8 +43,12 @@ def tiny_vcop_config(data_dir: Path):
     return config
 
 
-def tiny_finetune_config(data_dir: Path, **overrides):
-    """configs/finetune.py on the tiny dataset, shrunk like `tiny_config`; `overrides` by key."""
+def tiny_finetune_config(data_dir: Path, *, pretrained: Path | None = None, **overrides):
+    """configs/finetune.py on the tiny dataset, shrunk like `tiny_config`; `overrides` by key.
+
+    `pretrained`: start from the backbone of that workdir (`init_from`), with the arch and width
+    its checkpoint records (`model.arch` and `model.width` left unset).
+    """
     from configs import default, finetune
 
     config = finetune.get_config("dataset=ucf101,fold=1,arch=r3d")
@@ -54,6 +58,9 @@ def tiny_finetune_config(data_dir: Path, **overrides):
     config.finetune.clip_len = 8
     config.finetune.num_test_clips = 3
     config.finetune.test_batch_size = 8
+    if pretrained is not None:
+        config.init_from = str(pretrained)
+        config.model.arch, config.model.width = None, None  # taken from the checkpoint
     for key, value in overrides.items():
         config[key] = value
     return config

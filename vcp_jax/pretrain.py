@@ -57,6 +57,9 @@ EVAL_CLOZE_SEED = 0  # the validation cloze keys are fold_in(PRNGKey(0), example
 
 
 PRETEXTS = ("vcp", "vcop")  # config.pretext
+# What a pretext's classes are (cloze options, clip orders), as its metric keys name them
+# (`val_<word>_fraction/<name>`, `<word>_names`) and the closing summary prints them.
+CLASS_WORDS = {"vcp": "option", "vcop": "order"}
 
 
 def pretext_of(config: ml_collections.ConfigDict) -> str:
@@ -198,24 +201,34 @@ def eval_step(
 
 
 def summarize_eval(
-    sums: dict[str, np.ndarray] | None, class_names: tuple[str, ...], prefix: str = "val"
+    sums: dict[str, np.ndarray] | None, class_names: tuple[str, ...], *, pretext: str,
+    prefix: str = "val",
 ) -> dict[str, Any]:
-    """Mean loss, VCP accuracy, per-option accuracy, the option histogram and the confusion."""
+    """Mean loss, accuracy, per-class accuracy and fraction, and the confusion matrix, from the
+    evaluation sums of either pretext (`eval_step`'s, `vcop.eval_step`'s).
+
+    Keys: `{prefix}_{pretext}_accuracy`, and per class `{prefix}_accuracy/<name>` and
+    `{prefix}_<word>_fraction/<name>`, `<word>` the pretext's `CLASS_WORDS` entry (the sums count
+    the classes as `<word>_correct` and `<word>_count`). VCP adds the fraction of tuples whose
+    cloze drew the remote option.
+    """
     if sums is None:
         return {}
+    word = CLASS_WORDS[pretext]
     count = max(float(sums["count"]), 1.0)
     metrics: dict[str, Any] = {
         f"{prefix}_loss": float(sums["loss"]) / count,
-        f"{prefix}_vcp_accuracy": float(sums["correct"]) / count,
+        f"{prefix}_{pretext}_accuracy": float(sums["correct"]) / count,
         f"{prefix}_tuples": int(sums["count"]),
-        f"{prefix}_has_remote_fraction": float(sums["has_remote"]) / count,
     }
+    if pretext == "vcp":  # only the cloze has a remote option
+        metrics[f"{prefix}_has_remote_fraction"] = float(sums["has_remote"]) / count
     for name, correct, total in zip(
-        class_names, sums["option_correct"], sums["option_count"], strict=True
+        class_names, sums[f"{word}_correct"], sums[f"{word}_count"], strict=True
     ):
         total = float(total)
         metrics[f"{prefix}_accuracy/{name}"] = float(correct) / total if total else float("nan")
-        metrics[f"{prefix}_option_fraction/{name}"] = total / count
+        metrics[f"{prefix}_{word}_fraction/{name}"] = total / count
     metrics[f"{prefix}_confusion"] = np.asarray(sums["confusion"]).astype(int).tolist()
     return metrics
 
@@ -332,9 +345,7 @@ def evaluate(
     options or orders)."""
     iterator = input_pipeline.make_iterator(batches, config, prefetch_processes=False)
     sums = parallel.accumulate(state, iterator, eval_fn, strategy)
-    if pretext_of(config) == "vcop":
-        return vcop.summarize_eval(sums, config.vcop.num_clips, prefix)
-    return summarize_eval(sums, cloze.class_names(config.cloze), prefix)
+    return summarize_eval(sums, class_names(config), pretext=pretext_of(config), prefix=prefix)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -399,7 +410,7 @@ def train_vcp(
     result, strategy, eval_fn = run.loop, run.strategy, run.eval_fn
     val_metrics = result.val_metrics or evaluate(result.state, data.val, eval_fn, strategy,
                                                  config)
-    names = class_names(config)
+    names, word = class_names(config), CLASS_WORDS[pretext_of(config)]
     final: dict[str, Any] = {
         "task": config.task,
         "pretext": pretext_of(config),
@@ -414,7 +425,7 @@ def train_vcp(
         "num_val_videos": data.num_val_videos,
         "num_too_short": data.num_too_short,
         "chance_accuracy": 1.0 / run.ctx.task.num_classes,
-        ("order_names" if pretext == "VCOP" else "option_names"): list(names),
+        f"{word}_names": list(names),
         "loop_timing": result.timing,  # this run's loop (a resumed run: since the resume)
     }
     if frozen_backbone:
@@ -435,6 +446,6 @@ def train_vcp(
         f"{'test' if frozen_backbone else 'held-out'} {pretext} accuracy "
         f"{final.get(f'{key}_{pretext.lower()}_accuracy', float('nan')):.3f} "
         f"(chance {final['chance_accuracy']:.3f}); "
-        f"per {'order' if pretext == 'VCOP' else 'option'}: {per_class}\n"
+        f"per {word}: {per_class}\n"
         f"metrics: {workdir / 'metrics.json'}")
     return final

@@ -31,8 +31,9 @@ Interface, for the stage that wires it (same batch layout as `pretrain.py`):
 - `create_train_state(config, bn_axis_name=None, frozen_backbone=False) -> (TrainState,
   StepContext)` with `ctx.task` a `Task` (num_clips, num_classes, modality);
 - `train_step(state, batch, ctx) -> (state, {'loss', 'accuracy', 'grad_norm'})`,
-  `eval_step(state, batch, ctx) -> sums`, `summarize_eval(sums, num_clips, prefix) -> metrics`
-  with per-order accuracy (`{prefix}_vcop_accuracy`, `{prefix}_accuracy/012`, ...),
+  `eval_step(state, batch, ctx) -> sums` with per-order counts, which the stage's
+  `pretrain.summarize_eval` turns into per-order accuracy (`{prefix}_vcop_accuracy`,
+  `{prefix}_accuracy/012`, ...);
   `calibration_forward` for `bn_calibration`; `init_head(state, head)` puts a converted
   reference head (`convert_torch.load_head`) into a fresh state;
 - `VCOPModel(tuples, dropout_keys=None) -> (B, N!) logits`: in training mode dropout needs one
@@ -360,7 +361,7 @@ def eval_step(
 
 def order_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array, n_classes: int,
                ctx: trainer.StepContext | None = None) -> dict[str, jax.Array]:
-    """Per-batch sums for `summarize_eval` (psum'd over the pmap axis of `ctx`)."""
+    """Per-batch sums for `pretrain.summarize_eval` (psum'd over the pmap axis of `ctx`)."""
     valid = valid.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     predicted = jnp.argmax(logits, -1)
@@ -375,26 +376,6 @@ def order_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array, n_classes
         "confusion": truth.T @ jax.nn.one_hot(predicted, n_classes),  # [true, predicted]
     }
     return sums if ctx is None else trainer.sum_metrics(sums, ctx)
-
-
-def summarize_eval(sums: dict[str, np.ndarray] | None, num_clips: int = 3,
-                   prefix: str = "val") -> dict[str, object]:
-    """Mean loss, order accuracy, per-order accuracy and fraction, and the confusion matrix."""
-    if sums is None:
-        return {}
-    count = max(float(sums["count"]), 1.0)
-    metrics: dict[str, object] = {
-        f"{prefix}_loss": float(sums["loss"]) / count,
-        f"{prefix}_vcop_accuracy": float(sums["correct"]) / count,
-        f"{prefix}_tuples": int(sums["count"]),
-    }
-    for name, correct, total in zip(order_names(num_clips), sums["order_correct"],
-                                    sums["order_count"], strict=True):
-        total = float(total)
-        metrics[f"{prefix}_accuracy/{name}"] = float(correct) / total if total else float("nan")
-        metrics[f"{prefix}_order_fraction/{name}"] = total / count
-    metrics[f"{prefix}_confusion"] = np.asarray(sums["confusion"]).astype(int).tolist()
-    return metrics
 
 
 def calibration_forward(
