@@ -173,8 +173,9 @@ def get_config(args: str = "") -> ml_collections.ConfigDict:
     # init 0.885 / 0.885 / 0.87 / 0.83 / 0.65 (a VCP start at 0.01 does not even fit its
     # training videos in 150 steps; at 1.0 neither does either init).
     config.init_overrides = ml_collections.ConfigDict({
+        # the fine-tuning rate from the VCP checkpoint (random init: ft.optimizer's 0.03)
         "pretrained": {"finetune": {"optimizer": {"learning_rate": 0.3}}},
-        "random": {},
+        "random": {},  # random init: the stages as configured above
     })
 
     if size == "tiny":

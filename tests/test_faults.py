@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, xla_flags
 from tests.tiny_configs import tiny_config
 from vcp_jax import backbone as backbone_lib
 from vcp_jax import checkpointing, finetune, pretrain, signals, trainer
@@ -449,7 +449,7 @@ def test_clip_len_errors_name_the_key(tiny_dataset: Path, capsys) -> None:
 def _main(workdir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "main.py", "--config", "tests/tiny_pretrain_config.py",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *extra]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

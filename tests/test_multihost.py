@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, xla_flags
 from vcp_jax import checkpointing, trainer
 
 pytestmark = pytest.mark.slow
@@ -42,8 +42,7 @@ def _launch(config: str, workdir: Path, data_dir: Path, *, processes: int, paral
             extra: tuple[str, ...] = (), hold_after_save: Path | None = None,
             ) -> list[subprocess.Popen]:
     devices_per_process = 4 // processes
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count="
-                                     f"{devices_per_process}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices_per_process))
     if hold_after_save is not None:  # every process stops after the first save until killed
         env[trainer.HOLD_AFTER_SAVE_ENV] = str(hold_after_save)
     base = [sys.executable, "main.py", "--config", config, f"--workdir={workdir}",

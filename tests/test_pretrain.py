@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import REPO_ROOT, tiny_config
+from tests.conftest import REPO_ROOT, tiny_config, xla_flags
 from vcp_jax import checkpointing, config_utils, parallel, pretrain, trainer
 
 
@@ -120,7 +120,7 @@ def _main(workdir: Path, data_dir: Path, *extra: str, compilation_cache: Path | 
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            "--config.num_train_steps=8", "--config.checkpoint_every_steps=2",
            "--config.eval_every_steps=4", *extra]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     if hold_after_save is not None:  # the run stops after its first save, until it is killed
         env[trainer.HOLD_AFTER_SAVE_ENV] = str(hold_after_save)
     if compilation_cache is not None:  # main.py's own cache flag, not the tests' shared cache
