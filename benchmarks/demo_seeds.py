@@ -402,20 +402,29 @@ def summarise(workdir: Path, config_spec: str, seeds: Sequence[int]) -> dict[str
     return summary
 
 
+def add_seed_arguments(parser: argparse.ArgumentParser, *, config_help: str,
+                       aggregate_help: str) -> None:
+    """The options every benchmark over the demo's seeds takes: --config, --seeds,
+    --aggregate_only and --compilation_cache (this script, label_efficiency,
+    pretext_comparison)."""
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=config_help)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated config.seed values")
+    parser.add_argument("--aggregate_only", action="store_true", help=aggregate_help)
+    parser.add_argument("--compilation_cache", default=DEFAULT_CACHE,
+                        help="JAX's persistent compilation cache, as main.py's (empty: off)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", required=True,
                         help="the seeds' demos go to <workdir>/seed_<s>; seeds.md, seeds.json")
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help="the demo config, PATH[:ARGS] as main.py takes it "
-                             "(configs/demo.py:size=tiny for the tiny size)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated config.seed values")
-    parser.add_argument("--aggregate_only", action="store_true",
-                        help="run nothing: read <workdir>/seed_<s>/metrics.json of each seed")
-    parser.add_argument("--compilation_cache", default=DEFAULT_CACHE,
-                        help="JAX's persistent compilation cache, as main.py's (empty: off)")
+    add_seed_arguments(
+        parser,
+        config_help="the demo config, PATH[:ARGS] as main.py takes it "
+                    "(configs/demo.py:size=tiny for the tiny size)",
+        aggregate_help="run nothing: read <workdir>/seed_<s>/metrics.json of each seed")
     args = parser.parse_args(argv)
     from vcp_jax import config_utils  # noqa: PLC0415
 

@@ -297,15 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="",
                         help="where the runs and the table go (default: "
                              "<demo_workdir>/label_efficiency)")
-    parser.add_argument("--config", default=demo_seeds.DEFAULT_CONFIG,
-                        help="the demo config demo_seeds ran with, PATH[:ARGS]")
     parser.add_argument("--labels", default="2,4,8,16",
                         help="labelled training videos per class (data.train_videos_per_class)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated config.seed values")
-    parser.add_argument("--aggregate_only", action="store_true",
-                        help="run nothing: read the runs' metrics.json and write the table/plot")
-    parser.add_argument("--compilation_cache", default=demo_seeds.DEFAULT_CACHE,
-                        help="JAX's persistent compilation cache, as main.py's (empty: off)")
+    demo_seeds.add_seed_arguments(
+        parser, config_help="the demo config demo_seeds ran with, PATH[:ARGS]",
+        aggregate_help="run nothing: read the runs' metrics.json and write the table/plot")
     args = parser.parse_args(argv)
     from vcp_jax import config_utils  # noqa: PLC0415
 

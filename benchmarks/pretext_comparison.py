@@ -453,13 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--demo_workdir", default="",
                         help="a benchmarks.demo_seeds --workdir (spelled as given to it): VCP-RGB "
                              "and random init (RGB) of seed s are read from its seed_<s>/")
-    parser.add_argument("--config", default=demo_seeds.DEFAULT_CONFIG,
-                        help="the demo config, PATH[:ARGS] (the one demo_seeds ran with)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated config.seed values")
-    parser.add_argument("--aggregate_only", action="store_true",
-                        help="run nothing: read the runs' results and write the table/plot")
-    parser.add_argument("--compilation_cache", default=demo_seeds.DEFAULT_CACHE,
-                        help="JAX's persistent compilation cache, as main.py's (empty: off)")
+    demo_seeds.add_seed_arguments(
+        parser, config_help="the demo config, PATH[:ARGS] (the one demo_seeds ran with)",
+        aggregate_help="run nothing: read the runs' results and write the table/plot")
     args = parser.parse_args(argv)
     from vcp_jax import config_utils  # noqa: PLC0415
 
