@@ -149,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             times[name] = time.perf_counter() - start
     this_run = time.perf_counter() - demo_start
     table = comparison(results)
-    report = render_report(config, workdir, results, table, times)
+    report = render_report(config, stages, workdir, results, table, times)
     if reporting.is_main_process():
         (workdir / REPORT).write_text(report)
     reporting.console("\n" + render_table(table) + f"\n\nthis run: {this_run / 60:.1f} min; "
@@ -517,6 +517,7 @@ INTERVALS = (
 
 def render_report(
     config: ml_collections.ConfigDict,
+    stages: dict[str, Any],
     workdir: Path,
     results: dict[str, dict[str, Any]],
     rows: list[dict[str, Any]],
@@ -525,7 +526,6 @@ def render_report(
     """report.md: what ran, the comparison table, and the plots (written beside it)."""
     plots = _plots(workdir, results)
     ft = results.get("finetune_vcp", {})
-    stages = stage_configs(config, workdir)
     rates = {init: stages[f"finetune_{init}"].optimizer.learning_rate
              for init in ("vcp", "random")}
     pre = config.pretrain
