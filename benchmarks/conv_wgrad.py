@@ -79,13 +79,15 @@ def weight_grad_before(x: jax.Array, g: jax.Array, k_shape: tuple[int, ...], str
 
 def _with(**settings: int) -> Any:
     """conv2d_mm's weight gradient with other module settings (read when traced)."""
-    def fn(x: jax.Array, g: jax.Array, k_shape: tuple[int, ...], strides: Any, padding: Any
-           ) -> jax.Array:
+    base = conv._weight_grad  # not the module attribute at call time: --step swaps it for fn
+
+    def fn(x: jax.Array, g: jax.Array, k_shape: tuple[int, ...], strides: Any, padding: Any,
+           precision: Any = None) -> jax.Array:
         saved = {name: getattr(conv, name) for name in settings}
         for name, value in settings.items():
             setattr(conv, name, value)
         try:
-            return conv._weight_grad(x, g, k_shape, strides, padding)
+            return base(x, g, k_shape, strides, padding, precision)
         finally:
             for name, value in saved.items():
                 setattr(conv, name, value)
@@ -96,6 +98,8 @@ def variants(budgets: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "before": weight_grad_before, "now": conv._weight_grad,
         "all looped": _with(_WGRAD_CHANNEL_MAJOR_BELOW=1 << 30),
+        "channels-last": _with(_WGRAD_CHANNEL_MAJOR_BELOW=0),
+        "major one pass": _with(_WGRAD_CHUNK_BYTES=1 << 40),
     }
     for b in filter(None, budgets.split(",")):
         out[f"budget {b}KiB"] = _with(_WGRAD_CHUNK_BYTES=int(b) << 10)
@@ -103,8 +107,8 @@ def variants(budgets: str) -> dict[str, Any]:
 
 
 def step_ab(args: argparse.Namespace) -> None:
-    """R3D's whole train step (`pretrain.train_step`, demo sizes by default) compiled twice, with
-    the weight gradient before and now, timed alternately step by step."""
+    """R3D's whole train step (`pretrain.train_step`, demo sizes by default) compiled once per
+    weight-gradient variant (`--variants`, default before,now), timed alternately step by step."""
     import functools  # noqa: PLC0415
 
     from benchmarks import train_step  # noqa: PLC0415
@@ -115,7 +119,8 @@ def step_ab(args: argparse.Namespace) -> None:
     config = train_step.make_config(step_args, "r3d", args.dtype, "conv2d_mm")
     batch_np = train_step.random_batch(step_args)
     runs = {}
-    for name, fn in (("before", weight_grad_before), ("now", conv._weight_grad)):
+    chosen = [v for v in (args.variants.split(",") if args.variants else ["before", "now"])]
+    for name, fn in ((v, variants(args.budgets)[v]) for v in chosen):
         saved, conv._weight_grad = conv._weight_grad, fn  # looked up when the VJP is traced
         try:
             state, ctx = pretrain.create_train_state(config)
@@ -129,7 +134,7 @@ def step_ab(args: argparse.Namespace) -> None:
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(state)
         runs[name] = [compiled, state, batch, [], float(metrics["loss"])]
-    print(f"first-step loss: before {runs['before'][4]:.6f}, now {runs['now'][4]:.6f}")
+    print("first-step loss: " + ", ".join(f"{k} {r[4]:.6f}" for k, r in runs.items()))
     for _ in range(args.rounds):
         for run in runs.values():
             compiled, state, batch, times, _ = run
@@ -138,13 +143,14 @@ def step_ab(args: argparse.Namespace) -> None:
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
             run[1] = state
-    ratios = [b / n for b, n in zip(runs["before"][3], runs["now"][3], strict=True)]
+    first = next(iter(runs))
     print(f"R3D train step, batch {args.batch_size}, 3 x {args.clip_len}x{args.crop}^2, width "
-          f"{args.width}, {args.dtype}, {args.rounds} rounds (s per step, min / median):")
+          f"{args.width}, {args.dtype}, {args.rounds} rounds (s per step, min / median; "
+          f"{first} / variant per round):")
     for name, run in runs.items():
-        print(f"  {name:7s} {min(run[3]):.3f} / {np.median(run[3]):.3f}")
-    print(f"  before / now per round: median {np.median(ratios):.2f}x, "
-          f"range {min(ratios):.2f}-{max(ratios):.2f}x")
+        ratios = [a / b for a, b in zip(runs[first][3], run[3], strict=True)]
+        print(f"  {name:15s} {min(run[3]):.3f} / {np.median(run[3]):.3f}   "
+              f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 def main(argv: Any = None) -> None:
@@ -152,7 +158,8 @@ def main(argv: Any = None) -> None:
     parser.add_argument("--sizes", default="demo", help="demo, paper, or demo,paper")
     parser.add_argument("--layers", default="", help="comma list of layer names (default all)")
     parser.add_argument("--variants", default="",
-                        help="comma list of before, now, budget NKiB (default all)")
+                        help="comma list of before, now, all looped, channels-last, major one "
+                             "pass, budget NKiB (default all; --step: before,now)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--budgets", default="",

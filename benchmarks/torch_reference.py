@@ -9,6 +9,16 @@ the device, forward + backward, SGD update, jitted through `parallel.JitStrategy
 machine's load drifts over all of them alike; the ratio to PyTorch is taken per round and the
 median of those ratios is the robust figure. The load average is printed with every round.
 
+vcp-jax runs as `main.py` runs it, keeping the host memory a step frees
+(vcp_jax/host_memory.py); PyTorch with glibc's defaults, as the reference code runs, and with
+`--torch_keep_freed_memory` also under vcp-jax's setting (row `torch+keep`).
+
+Each variant lives in its own worker process (started once, driven in turn by this one), as a
+user runs one framework or the other: in one process a PyTorch step slows the JAX step after it
+(paper size, 2-core EPYC: 12.6-13.1 s per JAX step before the first PyTorch step, 18-21 s
+after it, 13.6-15.8 s after `torch.set_num_threads(1)`; not the threads' spin-wait, which
+OMP_WAIT_POLICY=PASSIVE leaves as it is). `--same_process` measures the old way.
+
 PyTorch is an optional dependency (`pip install torch`, the CPU build): without it the script
 says so and exits with status 0 after the JAX-only rows.
 
@@ -27,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -171,9 +183,66 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
-                    ) -> dict[str, list[tuple[float, float, int]]]:
-    """`rounds` rounds of one call of every step in turn: {name: [(wall s, cpu s, faults)]}."""
+def _timed(step: Callable[[], None]) -> tuple[float, float, int]:
+    """One call of `step`: (wall s, this process's cpu s, its minor page faults)."""
+    faults, cpu, wall = _minor_faults(), time.process_time(), time.perf_counter()
+    step()
+    return time.perf_counter() - wall, time.process_time() - cpu, _minor_faults() - faults
+
+
+def _torch_step_factory(width: int, crop: int, clip_len: int, batch_size: int,
+                        channels_last: bool) -> tuple[Callable[[], None], float | None]:
+    return make_torch_step(torch_or_none(), width, crop, clip_len, batch_size,
+                           channels_last), None
+
+
+def _worker(conn: Any, factory: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """A worker process: builds one step, then times one call per "step" message until "stop"."""
+    try:
+        step, compile_s = factory(*args)
+        conn.send(("ready", compile_s))
+    except BaseException as e:  # reported in the parent, which owns the console
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while conn.recv() == "step":
+        conn.send(_timed(step))
+
+
+class _Remote:
+    """A step in its own process (spawned, so that neither framework's threads or allocator
+    state are inherited): `()` runs one timed call there."""
+
+    def __init__(self, factory: Callable[..., Any], args: tuple[Any, ...],
+                 env: dict[str, str] | None = None):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, factory, args), daemon=True)
+        saved = dict(os.environ)
+        os.environ.update(env or {})  # a spawned child starts with this process's environment
+        try:
+            self.process.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        status, self.compile_s = self.conn.recv()
+        if status != "ready":
+            self.close()
+            raise RuntimeError(f"the worker for {factory.__name__}{args} failed: {self.compile_s}")
+
+    def __call__(self) -> tuple[float, float, int]:
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send("stop")
+        self.process.join(timeout=30)
+
+
+def run_interleaved(steps: dict[str, Callable[[], tuple[float, float, int]]], rounds: int,
+                    warmup: int) -> dict[str, list[tuple[float, float, int]]]:
+    """`rounds` rounds of one timed call of every step in turn: {name: [(wall s, cpu s,
+    faults)]}."""
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -181,11 +250,8 @@ def run_interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: i
     for r in range(rounds):
         line = []
         for name, step in steps.items():
-            faults, cpu, wall = _minor_faults(), time.process_time(), time.perf_counter()
-            step()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            out[name].append((wall, cpu, _minor_faults() - faults))
-            line.append(f"{name} {wall:.2f} s")
+            out[name].append(step())
+            line.append(f"{name} {out[name][-1][0]:.2f} s")
         print(f"  round {r + 1}/{rounds}: " + ", ".join(line)
               + f"  (load {_common.load_average()})", flush=True)
     return out
@@ -223,9 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also time PyTorch with channels_last_3d tensors (oneDNN's "
                              "preferred layout; the reference code uses the default)")
     parser.add_argument("--no_torch", action="store_true", help="time the JAX steps only")
+    parser.add_argument("--torch_keep_freed_memory", action="store_true",
+                        help="also time PyTorch keeping the memory a step frees, as vcp-jax "
+                             "does (vcp_jax/host_memory.py)")
+    parser.add_argument("--same_process", action="store_true",
+                        help="run every step in this process (the default gives each its own "
+                             "worker process: see the module docstring)")
     args = parser.parse_args(argv)
 
-    from vcp_jax import conv  # noqa: PLC0415
+    from vcp_jax import conv, host_memory  # noqa: PLC0415
 
     sizes = list(SIZES) if args.size == "all" else [s.strip() for s in args.size.split(",")]
     impls = [i.strip() for i in args.conv_impl.split(",") if i.strip()]
@@ -257,17 +329,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         for batch_size in batches:
             print(f"{size}: R3D width {dims[0]}, {NUM_CLIPS} clips x {dims[2]} x {dims[1]}^2, "
                   f"batch {batch_size} tuples, {args.dtype} (JAX)", flush=True)
-            steps: dict[str, Callable[[], None]] = {}
+            # name: (factory, its arguments, the worker's extra environment)
+            makers: dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, str]]] = {}
+            glibc_defaults = {host_memory.ENV: "0"}
             if torch is not None:
-                steps["torch"] = make_torch_step(torch, *dims, batch_size, channels_last=False)
+                makers["torch"] = (_torch_step_factory, (*dims, batch_size, False),
+                                   glibc_defaults)
+                if args.torch_keep_freed_memory:
+                    makers["torch+keep"] = (_torch_step_factory, (*dims, batch_size, False), {})
                 if args.torch_channels_last:
-                    steps["torch-cl"] = make_torch_step(torch, *dims, batch_size,
-                                                        channels_last=True)
+                    makers["torch-cl"] = (_torch_step_factory, (*dims, batch_size, True),
+                                          glibc_defaults)
             for impl in impls:
                 name = f"jax-{impl}" if impl != "auto" else f"jax-auto->{conv.auto_impl()}"
-                steps[name], compile_s = make_jax_step(*dims, batch_size, impl, args.dtype)
-                print(f"  {name}: compiled in {compile_s:.1f} s", flush=True)
-            times = run_interleaved(steps, args.rounds, args.warmup)
+                makers[name] = (make_jax_step, (*dims, batch_size, impl, args.dtype), {})
+            steps: dict[str, Any] = {}
+            try:
+                for name, (factory, fargs, env) in makers.items():
+                    if args.same_process:
+                        step, compile_s = factory(*fargs)
+                        steps[name] = functools.partial(_timed, step)
+                    else:
+                        steps[name] = _Remote(factory, fargs, env)
+                        compile_s = steps[name].compile_s
+                    if compile_s is not None:
+                        print(f"  {name}: compiled in {compile_s:.1f} s", flush=True)
+                times = run_interleaved(steps, args.rounds, args.warmup)
+            finally:
+                for step in steps.values():
+                    if isinstance(step, _Remote):
+                        step.close()
             rows = summarize(times, batch_size, "torch" if torch is not None else None)
             all_rows += [[size, *row] for row in rows]
             print()

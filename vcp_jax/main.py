@@ -33,7 +33,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vcp_jax import config_paths, config_utils
+from vcp_jax import config_paths, config_utils, host_memory
 from vcp_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -73,6 +73,7 @@ def stages() -> dict[str, Callable[[Any, Path], dict[str, Any]]]:
 
 def run_task(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Runs `config.task` in `workdir`; importable from notebooks (no flags involved)."""
+    host_memory.keep_freed_memory()  # no-op after run(); in a notebook, best before any JAX work
     config_utils.migrate_deprecated_keys(config)
     task = config_utils.check_choice(config, "task", TASKS)
     return stages()[task](config, workdir)
@@ -287,6 +288,7 @@ def argv_config(argv: list[str]) -> str:
 
 def run() -> None:
     """The entry point (`main.py` and the installed `vcp-jax` command)."""
+    host_memory.keep_freed_memory()  # before JAX starts its threads (host_memory.py)
     flags.mark_flags_as_required(["config", "workdir"])
     # Listed by --helpshort under the installed `vcp-jax` command too, not only under main.py.
     for name in ("config", "workdir", "allow_config_change", "distributed",
