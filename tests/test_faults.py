@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import REPO_ROOT, xla_flags
-from tests.tiny_configs import tiny_config
+from tests.tiny_configs import tiny_config, tiny_loop_config
 from vcp_jax import backbone as backbone_lib
 from vcp_jax import checkpointing, finetune, pretrain, signals, trainer
 from vcp_jax import workdir as workdir_lib
@@ -55,15 +56,8 @@ class HostStrategy:
         return jax.tree.map(np.asarray, tree)
 
 
-def _loop_config(steps: int = 6, **overrides: Any):
-    config = tiny_config(Path("/unused"))
-    config.num_train_steps = steps
-    config.log_every_steps = 3
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+def _loop_config(steps: int = 6, **overrides: Any) -> ml_collections.ConfigDict:
+    return tiny_loop_config(steps, log_every=3, eval_every=2, checkpoint_every=2, **overrides)
 
 
 def _loop(workdir: Path, config, train_fn, evaluate=lambda s: {"val_loss": 1.0},

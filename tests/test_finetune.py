@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from tests.conftest import tiny_config
-from tests.tiny_configs import tiny_finetune_config
+from tests.tiny_configs import tiny_finetune_config, tiny_pretraining
 from vcp_jax import backbone as backbone_lib
 from vcp_jax import (
     checkpointing,
@@ -33,11 +33,7 @@ def finetune_config(data_dir: Path, **overrides):
 @pytest.fixture(scope="module")
 def pretrained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir of a 2-step VCP pretraining run on the tiny dataset."""
-    workdir = tmp_path_factory.mktemp("pretrained")
-    config = tiny_config(tiny_dataset)
-    config.num_train_steps = 2
-    pretrain.run(config, workdir)
-    return workdir
+    return tiny_pretraining(tiny_config(tiny_dataset), tmp_path_factory.mktemp("pretrained"))
 
 
 def _data(config):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_config
-from tests.tiny_configs import tiny_finetune_config, tiny_vcop_config
+from tests.tiny_configs import tiny_finetune_config, tiny_pretraining, tiny_vcop_config
 from vcp_jax import backbone as backbone_lib
 from vcp_jax import checkpointing, config_utils, finetune, pretrain, vcop
 from vcp_jax import modality as modality_lib
@@ -42,11 +42,8 @@ def saved_backbones(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def vcop_pretrained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir of a 2-step VCOP pretraining on the tiny dataset (RGB)."""
-    workdir = tmp_path_factory.mktemp("vcop_pretrained")
-    config = tiny_vcop_config(tiny_dataset)
-    config.num_train_steps = 2
-    pretrain.run(config, workdir)
-    return workdir
+    return tiny_pretraining(tiny_vcop_config(tiny_dataset),
+                            tmp_path_factory.mktemp("vcop_pretrained"))
 
 
 @pytest.mark.slow
@@ -97,12 +94,9 @@ def test_pretext_is_validated(tiny_dataset: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def res_pretrained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workdir of a 2-step VCP pretraining on residual frames."""
-    workdir = tmp_path_factory.mktemp("res_pretrained")
     config = tiny_config(tiny_dataset)
-    config.num_train_steps = 2
     config.model.modality = "res"
-    pretrain.run(config, workdir)
-    return workdir
+    return tiny_pretraining(config, tmp_path_factory.mktemp("res_pretrained"))
 
 
 @pytest.mark.slow

@@ -14,11 +14,12 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from tests.tiny_configs import tiny_config
+from tests.tiny_configs import tiny_loop_config
 from vcp_jax import backbone as backbone_lib
 from vcp_jax import checkpointing, trainer
 
@@ -67,16 +68,10 @@ def batches() -> grain.MapDataset:
         lambda k: {"x": np.full((8, 4), np.sin(k), np.float32) + np.arange(4, dtype=np.float32)})
 
 
-def config(steps: int = 7, **overrides: Any):
-    c = tiny_config(Path("/unused"))
-    c.num_train_steps = steps
-    c.log_every_steps = 2
-    c.eval_every_steps = 3
-    c.checkpoint_every_steps = 2
-    c.keep_checkpoints = 10
-    for key, value in overrides.items():
-        c[key] = value
-    return c
+def config(steps: int = 7, **overrides: Any) -> ml_collections.ConfigDict:
+    # Every save kept, so the tests see each one on disk, unless a test asks for fewer.
+    overrides.setdefault("keep_checkpoints", 10)
+    return tiny_loop_config(steps, log_every=2, eval_every=3, checkpoint_every=2, **overrides)
 
 
 class FakeEvaluation:

@@ -1,10 +1,14 @@
 """The tiny configs the tests train with, free of side effects: config files that tests pass to
 `main.py` import them without the test session's environment (conftest.py's XLA_FLAGS and
-compilation cache)."""
+compilation cache), hence the imports inside the functions."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: loading this module imports nothing beyond the stdlib
+    import ml_collections
 
 TINY_DATASET_CONFIG = "split1_32x43"
 
@@ -26,6 +30,22 @@ def tiny_config(data_dir: Path):
     config.optimizer.warmup_steps = 0
     config.optimizer.schedule = "constant"
     config.optimizer.learning_rate = 0.01
+    return config
+
+
+def tiny_loop_config(steps: int, *, log_every: int, eval_every: int, checkpoint_every: int,
+                     **overrides: Any) -> ml_collections.ConfigDict:
+    """`tiny_config` for a training loop on fake steps and evaluations, which read no data (so
+    no data directory): `steps` steps with the given cadence, then `overrides` by key (which may
+    change the cadence too). Each caller names its cadence, as its tests' expected steps of
+    evaluations and saves follow from it."""
+    config = tiny_config(Path("/unused"))
+    config.num_train_steps = steps
+    config.log_every_steps = log_every
+    config.eval_every_steps = eval_every
+    config.checkpoint_every_steps = checkpoint_every
+    for key, value in overrides.items():
+        config[key] = value
     return config
 
 
@@ -64,3 +84,14 @@ def tiny_finetune_config(data_dir: Path, *, pretrained: Path | None = None, **ov
     for key, value in overrides.items():
         config[key] = value
     return config
+
+
+def tiny_pretraining(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Runs 2 steps of the pretraining `config` (`tiny_config`, `tiny_vcop_config` or a variant)
+    in `workdir` and returns it: the workdir that fine-tuning and probe tests start from, where
+    only the hand-over of its checkpoint matters, not how trained it is."""
+    from vcp_jax import pretrain
+
+    config.num_train_steps = 2
+    pretrain.run(config, workdir)
+    return workdir
