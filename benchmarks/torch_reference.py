@@ -9,9 +9,9 @@ the device, forward + backward, SGD update, jitted through `parallel.JitStrategy
 machine's load drifts over all of them alike; the ratio to PyTorch is taken per round and the
 median of those ratios is the robust figure. The load average is printed with every round.
 
-vcp-jax runs as `main.py` runs it, keeping the host memory a step frees
-(vcp_jax/host_memory.py); PyTorch with glibc's defaults, as the reference code runs, and with
-`--torch_keep_freed_memory` also under vcp-jax's setting (row `torch+keep`).
+vcp-jax runs as `main.py` runs it: keeping the host memory a step frees at the paper's size,
+not at the demo's (`host_memory.configure`); PyTorch with glibc's defaults, as the reference
+code runs, and with `--torch_keep_freed_memory` also keeping it (row `torch+keep`).
 
 Each variant lives in its own worker process (started once, driven in turn by this one), as a
 user runs one framework or the other: in one process a PyTorch step slows the JAX step after it
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import functools
 import multiprocessing
-import os
 import resource
 import statistics
 import sys
@@ -155,10 +154,11 @@ def make_jax_step(width: int, crop: int, clip_len: int, batch_size: int, conv_im
     import jax  # noqa: PLC0415
 
     from benchmarks import train_step as bench  # noqa: PLC0415
-    from vcp_jax import parallel, pretrain  # noqa: PLC0415
+    from vcp_jax import host_memory, parallel, pretrain  # noqa: PLC0415
 
     args = argparse.Namespace(width=width, crop=crop, clip_len=clip_len, batch_size=batch_size)
     config = bench.make_config(args, arch, dtype, conv_impl)
+    host_memory.configure(config)  # as main.py: before this process's first JAX work
     pretrain.validate_config(config)
     state, ctx = pretrain.create_train_state(config)
     strategy = parallel.JitStrategy()
@@ -191,7 +191,12 @@ def _timed(step: Callable[[], None]) -> tuple[float, float, int]:
 
 
 def _torch_step_factory(width: int, crop: int, clip_len: int, batch_size: int,
-                        channels_last: bool) -> tuple[Callable[[], None], float | None]:
+                        channels_last: bool, keep_freed_memory: bool = False,
+                        ) -> tuple[Callable[[], None], float | None]:
+    if keep_freed_memory:
+        from vcp_jax import host_memory  # noqa: PLC0415
+
+        host_memory.keep_freed_memory()
     return make_torch_step(torch_or_none(), width, crop, clip_len, batch_size,
                            channels_last), None
 
@@ -212,18 +217,11 @@ class _Remote:
     """A step in its own process (spawned, so that neither framework's threads or allocator
     state are inherited): `()` runs one timed call there."""
 
-    def __init__(self, factory: Callable[..., Any], args: tuple[Any, ...],
-                 env: dict[str, str] | None = None):
+    def __init__(self, factory: Callable[..., Any], args: tuple[Any, ...]):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker, args=(child, factory, args), daemon=True)
-        saved = dict(os.environ)
-        os.environ.update(env or {})  # a spawned child starts with this process's environment
-        try:
-            self.process.start()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        self.process.start()
         status, self.compile_s = self.conn.recv()
         if status != "ready":
             self.close()
@@ -291,13 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no_torch", action="store_true", help="time the JAX steps only")
     parser.add_argument("--torch_keep_freed_memory", action="store_true",
                         help="also time PyTorch keeping the memory a step frees, as vcp-jax "
-                             "does (vcp_jax/host_memory.py)")
+                             "does at the paper's size (vcp_jax/host_memory.py)")
     parser.add_argument("--same_process", action="store_true",
                         help="run every step in this process (the default gives each its own "
                              "worker process: see the module docstring)")
     args = parser.parse_args(argv)
 
-    from vcp_jax import conv, host_memory  # noqa: PLC0415
+    from vcp_jax import conv  # noqa: PLC0415
 
     sizes = list(SIZES) if args.size == "all" else [s.strip() for s in args.size.split(",")]
     impls = [i.strip() for i in args.conv_impl.split(",") if i.strip()]
@@ -329,28 +327,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for batch_size in batches:
             print(f"{size}: R3D width {dims[0]}, {NUM_CLIPS} clips x {dims[2]} x {dims[1]}^2, "
                   f"batch {batch_size} tuples, {args.dtype} (JAX)", flush=True)
-            # name: (factory, its arguments, the worker's extra environment)
-            makers: dict[str, tuple[Callable[..., Any], tuple[Any, ...], dict[str, str]]] = {}
-            glibc_defaults = {host_memory.ENV: "0"}
+            makers: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
             if torch is not None:
-                makers["torch"] = (_torch_step_factory, (*dims, batch_size, False),
-                                   glibc_defaults)
+                makers["torch"] = (_torch_step_factory, (*dims, batch_size, False))
                 if args.torch_keep_freed_memory:
-                    makers["torch+keep"] = (_torch_step_factory, (*dims, batch_size, False), {})
+                    makers["torch+keep"] = (_torch_step_factory, (*dims, batch_size, False, True))
                 if args.torch_channels_last:
-                    makers["torch-cl"] = (_torch_step_factory, (*dims, batch_size, True),
-                                          glibc_defaults)
+                    makers["torch-cl"] = (_torch_step_factory, (*dims, batch_size, True))
             for impl in impls:
                 name = f"jax-{impl}" if impl != "auto" else f"jax-auto->{conv.auto_impl()}"
-                makers[name] = (make_jax_step, (*dims, batch_size, impl, args.dtype), {})
+                makers[name] = (make_jax_step, (*dims, batch_size, impl, args.dtype))
             steps: dict[str, Any] = {}
             try:
-                for name, (factory, fargs, env) in makers.items():
+                for name, (factory, fargs) in makers.items():
                     if args.same_process:
                         step, compile_s = factory(*fargs)
                         steps[name] = functools.partial(_timed, step)
                     else:
-                        steps[name] = _Remote(factory, fargs, env)
+                        steps[name] = _Remote(factory, fargs)
                         compile_s = steps[name].compile_s
                     if compile_s is not None:
                         print(f"  {name}: compiled in {compile_s:.1f} s", flush=True)

@@ -35,12 +35,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
     atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 
-# The test processes keep the memory a step frees, as main.py does (vcp_jax/host_memory.py): set
-# before any test starts JAX's threads.
-from vcp_jax import host_memory  # noqa: E402
-
-host_memory.keep_freed_memory()
-
 import pytest  # noqa: E402
 
 from tests.tiny_configs import TINY_DATASET_CONFIG, tiny_config  # noqa: E402, F401

@@ -73,7 +73,7 @@ def stages() -> dict[str, Callable[[Any, Path], dict[str, Any]]]:
 
 def run_task(config: Any, workdir: str | Path) -> dict[str, Any]:
     """Runs `config.task` in `workdir`; importable from notebooks (no flags involved)."""
-    host_memory.keep_freed_memory()  # no-op after run(); in a notebook, best before any JAX work
+    host_memory.configure(config)  # in a notebook, effective only before any JAX work
     config_utils.migrate_deprecated_keys(config)
     task = config_utils.check_choice(config, "task", TASKS)
     return stages()[task](config, workdir)
@@ -168,6 +168,7 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    host_memory.configure(FLAGS.config)  # before JAX starts its threads (host_memory.py)
     if FLAGS.distributed or FLAGS.coordinator_address:
         initialize_distributed()
     enable_compilation_cache(FLAGS.compilation_cache)
@@ -288,7 +289,6 @@ def argv_config(argv: list[str]) -> str:
 
 def run() -> None:
     """The entry point (`main.py` and the installed `vcp-jax` command)."""
-    host_memory.keep_freed_memory()  # before JAX starts its threads (host_memory.py)
     flags.mark_flags_as_required(["config", "workdir"])
     # Listed by --helpshort under the installed `vcp-jax` command too, not only under main.py.
     for name in ("config", "workdir", "allow_config_change", "distributed",
