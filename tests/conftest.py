@@ -13,8 +13,9 @@ from pathlib import Path
 # those passes the tiny R3D train step compiles in 2/3 of the time (25 s -> 17 s on 2 cores) and
 # runs 3x slower (63 -> 191 ms), which the tests' few steps do not notice (tests/test_models.py
 # and `benchmarks/gpu_check.sh --smoke` do the same). The tests compare runs compiled alike (1 and
-# 8 devices, straight and resumed, 1 and 2 processes); the demo, the notebook, test_main's and
-# test_packaging's runs keep XLA's defaults, as users run them.
+# 8 devices, straight and resumed, 1 and 2 processes; the demo and the notebook, which reuses the
+# demo's compiled steps); test_main's and test_packaging's runs keep XLA's defaults, as users
+# run them.
 FAST_COMPILE_XLA_FLAG = "--xla_backend_optimization_level=0"
 
 

@@ -1,8 +1,9 @@
 """The demo as users run it, at its CI size (`configs/demo.py:size=tiny`): the README's main
 command, then the Colab notebook (notebooks/quickstart.ipynb) top to bottom.
 
-Runs `main.py` in a subprocess exactly as a user does (one CPU device: no XLA_FLAGS), with the
-generated videos, built datasets and workdir in a temporary folder: both synthetic datasets are
+Runs `main.py` in a subprocess as a user does (one CPU device; XLA's quickest compilation, as
+the other tests: tests/conftest.py), with the generated videos, built datasets and workdir in a
+temporary folder: both synthetic datasets are
 generated and built by the real builders, then all nine stages run on the real code path. The
 tiny size shows no effect of pretraining (a few steps on 8-frame clips); the full size's numbers
 are in benchmarks/RESULTS.md. Then the resumption contract: rerunning the same command skips
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import FAST_COMPILE_XLA_FLAG, REPO_ROOT
 from vcp_jax import demo
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "quickstart.ipynb"
@@ -43,8 +44,9 @@ def tiny_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run_demo(workdir: Path, cache: Path) -> str:
     cmd = [sys.executable, "main.py", "--config", "configs/demo.py:size=tiny",
            f"--workdir={workdir}", f"--config.cache_dir={cache}"]
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # as a user runs it: one CPU device
+    # One CPU device, as a user runs it, compiled quickly (tests/conftest.py: the steps are
+    # tiny and few, so compiling is most of the time; test_main's run keeps XLA's defaults).
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE_XLA_FLAG}
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -231,7 +233,9 @@ def test_quickstart_notebook_runs_without_errors(tmp_path: Path, tiny_demo_cache
     }
     saved = {k: os.environ.get(k) for k in (*env, "XLA_FLAGS")}
     os.environ.update(env)
-    os.environ.pop("XLA_FLAGS", None)  # one CPU device, as on a Colab CPU runtime
+    # One CPU device, as on a Colab CPU runtime; compiled as _run_demo's runs (which it reuses
+    # from the session's compilation cache).
+    os.environ["XLA_FLAGS"] = FAST_COMPILE_XLA_FLAG
     try:
         client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
                                          resources={"metadata": {"path": str(NOTEBOOK.parent)}})
