@@ -119,8 +119,9 @@ def step_ab(args: argparse.Namespace) -> None:
     config = train_step.make_config(step_args, "r3d", args.dtype, "conv2d_mm")
     batch_np = train_step.random_batch(step_args)
     runs = {}
-    chosen = [v for v in (args.variants.split(",") if args.variants else ["before", "now"])]
-    for name, fn in ((v, variants(args.budgets)[v]) for v in chosen):
+    table = variants(args.budgets)
+    for name in args.variants.split(",") if args.variants else ["before", "now"]:
+        fn = table[name]
         saved, conv._weight_grad = conv._weight_grad, fn  # looked up when the VJP is traced
         try:
             state, ctx = pretrain.create_train_state(config)

@@ -222,10 +222,11 @@ class _Remote:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker, args=(child, factory, args), daemon=True)
         self.process.start()
-        status, self.compile_s = self.conn.recv()
+        status, payload = self.conn.recv()  # ("ready", compile s or None) or ("error", text)
         if status != "ready":
             self.close()
-            raise RuntimeError(f"the worker for {factory.__name__}{args} failed: {self.compile_s}")
+            raise RuntimeError(f"the worker for {factory.__name__}{args} failed: {payload}")
+        self.compile_s = payload
 
     def __call__(self) -> tuple[float, float, int]:
         self.conn.send("step")
