@@ -35,6 +35,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _JAX_CACHE = tempfile.mkdtemp(prefix="vcp_jax_tests_jax_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
     atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+# Every compilation stored, not only those of a second or more (JAX's default, which main.py keeps
+# for users): a tiny-config main.py run otherwise compiles ~100 small programs afresh each time
+# (the per-shape parameter inits, Orbax's per-device slices of the first save), 3-4 s of a warm
+# 14 s run on 2 cores, and the suite starts about 40 such runs.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
